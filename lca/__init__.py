@@ -1,0 +1,7 @@
+"""lca: exact and linear attention over long contexts, on one device or a mesh."""
+
+from lca import kernels
+from lca.attention import KERNELS, attention
+
+__all__ = ["attention", "kernels", "KERNELS"]
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""Timing, compiled memory, FLOP counts and the machine's measured matmul peak.
+
+Absolute times on a shared machine are noise; what a benchmark reports are
+medians and ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def median_seconds(fn, *args, repeats: int = 3) -> float:
+    """Median wall time of `fn(*args)` over `repeats` runs after one warm-up."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a size x size float32 matmul on the default device: the peak we compare to."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    return 2 * size**3 / median_seconds(matmul, a, a, repeats=repeats)
+
+
+def attention_flops(batch, q_len, kv_len, heads, head_dim, *, causal, backward=False):
+    """Useful FLOPs: 4·B·H·T·S·D forward, half of it causal; forward+backward is 3.5x."""
+    flops = 4 * batch * heads * q_len * kv_len * head_dim * (0.5 if causal else 1.0)
+    return flops * (3.5 if backward else 1.0)
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS could give us now (MemAvailable), or physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def temp_bytes(compiled) -> int:
+    """Temporary memory of a compiled XLA executable."""
+    return compiled.memory_analysis().temp_size_in_bytes

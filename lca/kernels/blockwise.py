@@ -1,0 +1,306 @@
+"""Blockwise (flash-style) exact softmax attention on one device.
+
+Dimension legend:
+  B batch, T query length, S key/value length, H query heads, K kv heads,
+  G = H // K query heads per kv head, D head_dim,
+  bq / bk query / key block length, nq / nk number of query / key blocks.
+
+The forward pass walks key blocks with an online softmax; statistics and
+accumulators are float32 whatever the input dtype. The backward pass is a
+`jax.custom_vjp` that keeps only the inputs, the output and the float32
+log-sum-exp, and recomputes every tile. Each (query block, key block) pair is
+classified once from per-block position and segment extremes (see
+`masks.classify_blocks`): SKIP pairs cost no FLOPs, FULL pairs take the
+unmasked path, MASKED pairs build their small [B, bq, bk] mask. K and V keep
+their K heads: the G query heads of a group share one K/V tile in the einsum.
+
+`forward` and `backward` are exported for kernels built on this one (ring
+attention runs them once per ring step and merges by log-sum-exp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lca.kernels import masks as masks_lib
+from lca.kernels.masks import MaskArrays, MaskSpec
+from lca.kernels.validation import check_attention_args, check_block
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseConfig:
+    """Static options of one blockwise call (hashable: a `nondiff_argnums` key)."""
+
+    spec: MaskSpec
+    scale: float
+    block_q: int
+    block_k: int
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _pad_to(x, length, axis):
+    pad = length - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def _q_blocks(x_BTHD, bq, kv_heads):
+    """[B, T, H, D] -> [nq, B, K, G, bq, D], zero-padded to nq * bq."""
+    b, t, h, d = x_BTHD.shape
+    nq = _cdiv(t, bq)
+    x = _pad_to(x_BTHD, nq * bq, 1).reshape(b, nq, bq, kv_heads, h // kv_heads, d)
+    return x.transpose(1, 0, 3, 4, 2, 5)
+
+
+def _from_q_blocks(x, length):
+    """[nq, B, K, G, bq, D] -> [B, T, H, D]."""
+    nq, b, k, g, bq, d = x.shape
+    return x.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, k * g, d)[:, :length]
+
+
+def _kv_blocks(x_BSKD, bk):
+    """[B, S, K, D] -> [nk, B, K, bk, D], zero-padded to nk * bk."""
+    b, s, k, d = x_BSKD.shape
+    nk = _cdiv(s, bk)
+    return _pad_to(x_BSKD, nk * bk, 1).reshape(b, nk, bk, k, d).transpose(1, 0, 3, 2, 4)
+
+
+def _from_kv_blocks(x, length):
+    """[nk, B, K, bk, D] -> [B, S, K, D]."""
+    nk, b, k, bk, d = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(b, nk * bk, k, d)[:, :length]
+
+
+def _row_blocks(x_BTH, bq, kv_heads, fill=0.0):
+    """Per-query statistics [B, T, H] -> [nq, B, K, G, bq]."""
+    b, t, h = x_BTH.shape
+    nq = _cdiv(t, bq)
+    x = jnp.pad(x_BTH, ((0, 0), (0, nq * bq - t), (0, 0)), constant_values=fill)
+    return x.reshape(b, nq, bq, kv_heads, h // kv_heads).transpose(1, 0, 3, 4, 2)
+
+
+def _from_row_blocks(x, length):
+    """[nq, B, K, G, bq] -> [B, T, H]."""
+    nq, b, k, g, bq = x.shape
+    return x.transpose(1, 0, 4, 2, 3).reshape(b, nq * bq, k * g)[:, :length]
+
+
+def _len_blocks(x_BT, block):
+    """[B, T] ids -> [n, B, block] (None stays None)."""
+    if x_BT is None:
+        return None
+    b, t = x_BT.shape
+    n = _cdiv(t, block)
+    return _pad_to(x_BT, n * block, 1).reshape(b, n, block).transpose(1, 0, 2)
+
+
+class _Tiles:
+    """Blocked views of one call's inputs and its block-pair classification."""
+
+    def __init__(self, cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays):
+        self.cfg = cfg
+        self.q_len, self.kv_len = q.shape[1], k.shape[1]
+        self.kv_heads = k.shape[2]
+        bq, bk = cfg.block_q, cfg.block_k
+        self.nq, self.nk = _cdiv(self.q_len, bq), _cdiv(self.kv_len, bk)
+        self.q = _q_blocks(q, bq, self.kv_heads)
+        self.k = _kv_blocks(k, bk)
+        self.v = _kv_blocks(v, bk)
+        self.q_pos, self.q_seg = _len_blocks(arrays.q_pos, bq), _len_blocks(arrays.q_seg, bq)
+        self.kv_pos, self.kv_seg = _len_blocks(arrays.kv_pos, bk), _len_blocks(arrays.kv_seg, bk)
+        self.kv_valid = (jnp.arange(self.nk * bk) < self.kv_len).reshape(self.nk, bk)
+        pad = lambda x, n: None if x is None else _pad_to(x, n, 1)
+        q_stats = masks_lib.block_stats(
+            pad(arrays.q_pos, self.nq * bq), pad(arrays.q_seg, self.nq * bq), bq, self.q_len)
+        kv_stats = masks_lib.block_stats(
+            pad(arrays.kv_pos, self.nk * bk), pad(arrays.kv_seg, self.nk * bk), bk, self.kv_len)
+        self.kinds = masks_lib.classify_blocks(cfg.spec, q_stats, kv_stats)  # [nq, nk]
+
+    def mask(self, i, j):
+        """Bool [B, 1, 1, bq, bk] for query block i and key block j."""
+        seg = lambda x, n: None if x is None else x[n]
+        ok = masks_lib.visible(self.cfg.spec, self.q_pos[i], self.kv_pos[j],
+                               seg(self.q_seg, i), seg(self.kv_seg, j))
+        return (ok & self.kv_valid[j][None, None, :])[:, None, None]
+
+    def logits(self, q_i, k_j):
+        """Scaled float32 logits [B, K, G, bq, bk]."""
+        s = jnp.einsum("bkgqd,bksd->bkgqs", q_i, k_j, preferred_element_type=F32)
+        return s * self.cfg.scale
+
+
+def forward(cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays):
+    """Output [B, T, H, D] float32 and log-sum-exp [B, T, H] float32.
+
+    A query that sees no key gets output 0 and log-sum-exp -inf.
+    """
+    tiles = _Tiles(cfg, q, k, v, arrays)
+    b, _, h, d = q.shape
+    kh = tiles.kv_heads
+    stat_shape = (b, kh, h // kh, cfg.block_q)
+
+    def one_q_block(i):
+        q_i = tiles.q[i]
+
+        def update(carry, j, masked):
+            acc, m, l = carry
+            s = tiles.logits(q_i, tiles.k[j])
+            if masked:
+                s = jnp.where(tiles.mask(i, j), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp(s - m_safe[..., None])
+            alpha = jnp.exp(m - m_safe)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), tiles.v[j],
+                            preferred_element_type=F32)
+            return alpha[..., None] * acc + pv, m_new, alpha * l + p.sum(-1)
+
+        def step(carry, j):
+            branches = (lambda c: c,
+                        lambda c: update(c, j, masked=True),
+                        lambda c: update(c, j, masked=False))
+            return lax.switch(tiles.kinds[i, j], branches, carry), None
+
+        init = (jnp.zeros(stat_shape + (d,), F32),
+                jnp.full(stat_shape, -jnp.inf, F32),
+                jnp.zeros(stat_shape, F32))
+        (acc, m, l), _ = lax.scan(step, init, jnp.arange(tiles.nk))
+        seen = l > 0
+        l_safe = jnp.where(seen, l, 1.0)
+        return acc / l_safe[..., None], jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+
+    o, lse = lax.map(one_q_block, jnp.arange(tiles.nq))
+    return _from_q_blocks(o, tiles.q_len), _from_row_blocks(lse, tiles.q_len)
+
+
+def backward(cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
+    """Gradients (dq, dk, dv), float32, of the attention output.
+
+    Args:
+      lse: [B, T, H] float32 log-sum-exp of the full attention row (for a ring
+        step, of all key shards, not just this one).
+      do: [B, T, H, D] output cotangent.
+      delta: [B, T, H] float32, rowsum(do * out) minus the log-sum-exp cotangent.
+    """
+    tiles = _Tiles(cfg, q, k, v, arrays)
+    kh = tiles.kv_heads
+    # A row that saw no key has lse -inf and all its logits masked to -inf;
+    # any finite stand-in gives p = 0 there without NaN.
+    lse_rows = _row_blocks(jnp.where(jnp.isfinite(lse), lse, 0.0), cfg.block_q, kh)
+    delta_rows = _row_blocks(delta.astype(F32), cfg.block_q, kh)
+    do_blocks = _q_blocks(do, cfg.block_q, kh)
+
+    def one_k_block(dq, j):
+        k_j, v_j = tiles.k[j], tiles.v[j]
+
+        def grads(i, masked):
+            q_i, do_i = tiles.q[i], do_blocks[i]
+            s = tiles.logits(q_i, k_j)
+            if masked:
+                s = jnp.where(tiles.mask(i, j), s, -jnp.inf)
+            p = jnp.exp(s - lse_rows[i][..., None])
+            dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do.dtype), do_i,
+                            preferred_element_type=F32)
+            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v_j, preferred_element_type=F32)
+            ds = (p * (dp - delta_rows[i][..., None])).astype(q.dtype)
+            dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, k_j, preferred_element_type=F32)
+            dk = jnp.einsum("bkgqs,bkgqd->bksd", ds, q_i, preferred_element_type=F32)
+            return dq * cfg.scale, dk * cfg.scale, dv
+
+        def step(carry, i):
+            dq, dk, dv = carry
+            zeros = lambda: (jnp.zeros(dq.shape[1:], F32), jnp.zeros_like(dk), jnp.zeros_like(dv))
+            branches = (zeros, lambda: grads(i, masked=True), lambda: grads(i, masked=False))
+            dq_t, dk_t, dv_t = lax.switch(tiles.kinds[i, j], branches)
+            return (dq.at[i].add(dq_t), dk + dk_t, dv + dv_t), None
+
+        kv_zeros = jnp.zeros(k_j.shape, F32)
+        (dq, dk, dv), _ = lax.scan(step, (dq, kv_zeros, kv_zeros), jnp.arange(tiles.nq))
+        return dq, (dk, dv)
+
+    dq0 = jnp.zeros(tiles.q.shape, F32)
+    dq, (dk, dv) = lax.scan(one_k_block, dq0, jnp.arange(tiles.nk))
+    return (_from_q_blocks(dq, tiles.q_len),
+            _from_kv_blocks(dk, tiles.kv_len),
+            _from_kv_blocks(dv, tiles.kv_len))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg, q, k, v, arrays):
+    o, lse = forward(cfg, q, k, v, arrays)
+    return o.astype(q.dtype), lse
+
+
+def _attention_fwd(cfg, q, k, v, arrays):
+    o, lse = forward(cfg, q, k, v, arrays)
+    o = o.astype(q.dtype)
+    return (o, lse), (q, k, v, arrays, o, lse)
+
+
+def _attention_bwd(cfg, residuals, cotangents):
+    q, k, v, arrays, o, lse = residuals
+    do, dlse = cotangents
+    delta = (do.astype(F32) * o.astype(F32)).sum(-1) - dlse
+    dq, dk, dv = backward(cfg, q, k, v, arrays, lse, do, delta)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def make_config(q, k, *, causal, window, segments, scale, block_q, block_k):
+    """Resolves defaults (scale, blocks no longer than the inputs) into a config."""
+    check_block("block_q", block_q)
+    check_block("block_k", block_k)
+    head_dim = q.shape[-1]
+    return BlockwiseConfig(
+        spec=MaskSpec(bool(causal), None if window is None else int(window), segments),
+        scale=float(head_dim ** -0.5 if scale is None else scale),
+        block_q=min(int(block_q), q.shape[1]),
+        block_k=min(int(block_k), k.shape[1]))
+
+
+def blockwise_attention(q, k, v, *, causal=False, window=None, segment_ids=None,
+                        kv_segment_ids=None, positions=None, kv_positions=None,
+                        scale=None, block_q=512, block_k=512, return_lse=False):
+    """Exact softmax attention in tiles; memory linear in length.
+
+    Args:
+      q: [B, T, H, D] float32 or bfloat16 (float64 works too).
+      k, v: [B, S, K, D] with H % K == 0 (grouped-query; never repeated).
+      causal: query t sees key s only if positions[t] >= kv_positions[s].
+      window: with causal, also positions[t] - kv_positions[s] < window.
+      segment_ids, kv_segment_ids: int [B, T] / [B, S]; attend within equal ids.
+      positions, kv_positions: int [T] / [S] or [B, T] / [B, S]; default arange.
+      scale: logit scale, default D ** -0.5.
+      block_q, block_k: tile lengths; lengths need not be multiples of them.
+      return_lse: also return the float32 log-sum-exp [B, T, H].
+
+    Returns:
+      [B, T, H, D] in q's dtype (zeros for a query that sees no key), and with
+      `return_lse` the log-sum-exp (-inf for such a query).
+    """
+    batch, q_len, kv_len = check_attention_args(
+        q, k, v, causal=causal, window=window, segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids, positions=positions, kv_positions=kv_positions,
+        scale=scale)
+    cfg = make_config(q, k, causal=causal, window=window, segments=segment_ids is not None,
+                      scale=scale, block_q=block_q, block_k=block_k)
+    arrays = masks_lib.make_mask_arrays(
+        batch, q_len, kv_len, positions=positions, kv_positions=kv_positions,
+        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    out, lse = _attention(cfg, q, k, v, arrays)
+    return (out, lse) if return_lse else out
