@@ -1,7 +1,7 @@
 """lca: exact and linear attention over long contexts, on one device or a mesh."""
 
-from lca import kernels
+from lca import kernels, layouts
 from lca.attention import KERNELS, attention
 
-__all__ = ["attention", "kernels", "KERNELS"]
+__all__ = ["attention", "kernels", "layouts", "KERNELS"]
 __version__ = "0.1.0"
