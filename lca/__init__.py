@@ -2,6 +2,7 @@
 
 from lca import kernels, layouts
 from lca.attention import KERNELS, attention
+from lca.parallel.sequence import sequence_parallel_attention
 
-__all__ = ["attention", "kernels", "layouts", "KERNELS"]
+__all__ = ["attention", "kernels", "layouts", "KERNELS", "sequence_parallel_attention"]
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lca.kernels import masks as masks_lib
+from lca.kernels import vma
 from lca.kernels.masks import MaskArrays, MaskSpec
 from lca.kernels.validation import check_attention_args, check_block
 
@@ -174,9 +175,9 @@ def forward(cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays):
                         lambda c: update(c, j, masked=False))
             return lax.switch(tiles.kinds[i, j], branches, carry), None
 
-        init = (jnp.zeros(stat_shape + (d,), F32),
-                jnp.full(stat_shape, -jnp.inf, F32),
-                jnp.zeros(stat_shape, F32))
+        init = vma.like((jnp.zeros(stat_shape + (d,), F32),
+                         jnp.full(stat_shape, -jnp.inf, F32),
+                         jnp.zeros(stat_shape, F32)), q, k, v, arrays)
         (acc, m, l), _ = lax.scan(step, init, jnp.arange(tiles.nk))
         seen = l > 0
         l_safe = jnp.where(seen, l, 1.0)
@@ -197,6 +198,7 @@ def backward(cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
     """
     tiles = _Tiles(cfg, q, k, v, arrays)
     kh = tiles.kv_heads
+    inputs = (q, k, v, arrays, lse, do, delta)  # zeros vary with these under shard_map
     # A row that saw no key has lse -inf and all its logits masked to -inf;
     # any finite stand-in gives p = 0 there without NaN.
     lse_rows = _row_blocks(jnp.where(jnp.isfinite(lse), lse, 0.0), cfg.block_q, kh)
@@ -222,16 +224,17 @@ def backward(cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
 
         def step(carry, i):
             dq, dk, dv = carry
-            zeros = lambda: (jnp.zeros(dq.shape[1:], F32), jnp.zeros_like(dk), jnp.zeros_like(dv))
+            zeros = lambda: vma.like((jnp.zeros(dq.shape[1:], F32), jnp.zeros_like(dk),
+                                      jnp.zeros_like(dv)), *inputs)
             branches = (zeros, lambda: grads(i, masked=True), lambda: grads(i, masked=False))
             dq_t, dk_t, dv_t = lax.switch(tiles.kinds[i, j], branches)
             return (dq.at[i].add(dq_t), dk + dk_t, dv + dv_t), None
 
-        kv_zeros = jnp.zeros(k_j.shape, F32)
+        kv_zeros = vma.like(jnp.zeros(k_j.shape, F32), *inputs)
         (dq, dk, dv), _ = lax.scan(step, (dq, kv_zeros, kv_zeros), jnp.arange(tiles.nq))
         return dq, (dk, dv)
 
-    dq0 = jnp.zeros(tiles.q.shape, F32)
+    dq0 = vma.like(jnp.zeros(tiles.q.shape, F32), *inputs)
     dq, (dk, dv) = lax.scan(one_k_block, dq0, jnp.arange(tiles.nk))
     return (_from_q_blocks(dq, tiles.q_len),
             _from_kv_blocks(dk, tiles.kv_len),

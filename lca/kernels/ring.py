@@ -1,0 +1,264 @@
+"""Ring attention: exact softmax attention over a sequence sharded on a mesh axis.
+
+Dimension legend (all per shard):
+  B batch, T local query length, S local key/value length, H query heads,
+  K kv heads (H % K == 0), D head_dim, n ring size (devices on `axis_name`).
+
+`ring_attention` runs inside `jax.shard_map`. Each device keeps its queries;
+the K/V shards walk the ring. At step s device r holds the K/V shard of
+device r - s (mod n) and
+
+  * issues the `ppermute` that brings the next shard before computing, so the
+    transfer can overlap the step's work; n - 1 hops in all, none wasted;
+  * classifies the (local queries, visiting keys) shard pair from position
+    and segment extremes (`masks.classify_blocks`, one block per shard): a
+    fully masked pair costs no FLOPs; any other runs the blockwise kernel,
+    which classifies its own tiles the same way, so every tile of a fully
+    visible pair takes the unmasked path;
+  * merges the step's output and float32 log-sum-exp into the running ones.
+
+K and V travel as one [2, B, S, K, D] buffer in the input dtype, with only
+the K kv heads; the positions and segment ids of those tokens travel with
+them, so masks follow the tokens whatever the layout.
+
+The backward pass is a `jax.custom_vjp` that saves only the inputs, the
+output and the float32 log-sum-exp. The backward ring recomputes each step
+with `blockwise.backward`, given the row's global log-sum-exp, so each
+step's gradients are exact parts of the total. dK/dV accumulate in float32
+in a buffer that travels with its K/V shard and goes home at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lca.kernels import blockwise
+from lca.kernels import masks as masks_lib
+from lca.kernels import vma
+from lca.kernels.masks import MaskArrays, MaskSpec
+from lca.kernels.validation import check_attention_args
+
+F32 = jnp.float32
+
+
+def _shift(tree, axis_name, n, hops=1):
+    """Sends every leaf from device i to device i + hops (mod n) of the ring."""
+    if hops % n == 0:
+        return tree
+    perm = [(i, (i + hops) % n) for i in range(n)]
+    return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
+
+
+def _shard_stats(pos_BL, seg_BL):
+    """Extremes of a whole shard, as one block: masks.BlockStats with n = 1."""
+    length = pos_BL.shape[1]
+    return masks_lib.block_stats(pos_BL, seg_BL, length, length)
+
+
+def shard_pair_kind(spec: MaskSpec, q_pos, q_seg, kv_pos, kv_seg):
+    """SKIP, MASKED or FULL (masks.py's int32 codes) for a whole (query, key) shard pair.
+
+    Positions and segment ids are [B, T] / [B, S]; a shard is one block of
+    `masks.classify_blocks`, so SKIP and FULL are exact claims about every pair.
+    """
+    return masks_lib.classify_blocks(spec, _shard_stats(q_pos, q_seg),
+                                     _shard_stats(kv_pos, kv_seg))[0, 0]
+
+
+class _Step:
+    """One ring step: skipped whole when the shard pair is fully masked.
+
+    Otherwise the blockwise kernel runs, and classifies its own tiles: in a
+    fully visible pair every tile is FULL and takes the unmasked path, so a
+    second, unmasked copy of the step is not compiled.
+    """
+
+    def __init__(self, cfg: blockwise.BlockwiseConfig, arrays: MaskArrays):
+        self.cfg = cfg
+        self.arrays = arrays
+        self.never_masked = cfg.spec == MaskSpec()
+        if not self.never_masked:
+            self.q_stats = _shard_stats(arrays.q_pos, arrays.q_seg)
+
+    def run(self, kv_pos, kv_seg, skip, compute):
+        """`compute(arrays)` unless the pair is fully masked, then `skip()` (no FLOPs)."""
+        arrays = self.arrays._replace(kv_pos=kv_pos, kv_seg=kv_seg)
+        if self.never_masked:
+            return compute(arrays)
+        kind = masks_lib.classify_blocks(
+            self.cfg.spec, self.q_stats, _shard_stats(kv_pos, kv_seg))[0, 0]
+        return lax.cond(kind == masks_lib.SKIP, skip, lambda: compute(arrays))
+
+
+def _merge(out, lse, out_t, lse_t):
+    """Log-sum-exp merge of two normalised partial results (float32); -inf rows stay 0."""
+    lse_new = jnp.logaddexp(lse, lse_t)
+    safe = jnp.where(jnp.isfinite(lse_new), lse_new, 0.0)
+    w, w_t = jnp.exp(lse - safe), jnp.exp(lse_t - safe)
+    return w[..., None] * out + w_t[..., None] * out_t, lse_new
+
+
+def _ring_forward(cfg, axis_name, steps, q, k, v, arrays):
+    n = lax.axis_size(axis_name)
+    step = _Step(cfg, arrays)
+    b, t, h, d = q.shape
+
+    def compute(acc, travel):
+        kv, kv_pos, kv_seg = travel
+        out, lse = acc
+
+        def attend(arr):
+            out_t, lse_t = blockwise.forward(cfg, q, kv[0], kv[1], arr)
+            return _merge(out, lse, out_t, lse_t)
+
+        return step.run(kv_pos, kv_seg, lambda: acc, attend)
+
+    def ring_step(carry, _):
+        acc, travel = carry
+        arriving = _shift(travel, axis_name, n)  # issued before this step's compute
+        return (compute(acc, travel), arriving), None
+
+    acc = vma.like((jnp.zeros((b, t, h, d), F32), jnp.full((b, t, h), -jnp.inf, F32)),
+                   q, k, v, arrays)
+    travel = (jnp.stack([k, v]), arrays.kv_pos, arrays.kv_seg)
+    (acc, travel), _ = lax.scan(ring_step, (acc, travel), None, length=steps - 1)
+    return compute(acc, travel)
+
+
+def _ring_backward(cfg, axis_name, steps, q, k, v, arrays, out, lse, do, dlse):
+    n = lax.axis_size(axis_name)
+    step = _Step(cfg, arrays)
+    delta = (do.astype(F32) * out.astype(F32)).sum(-1) - dlse
+
+    def compute(dq, travel, dkv):
+        kv, kv_pos, kv_seg = travel
+
+        def grads(arr):
+            dq_t, dk_t, dv_t = blockwise.backward(cfg, q, kv[0], kv[1], arr, lse, do, delta)
+            return dq + dq_t, dkv + jnp.stack([dk_t, dv_t])
+
+        return step.run(kv_pos, kv_seg, lambda: (dq, dkv), grads)
+
+    def ring_step(carry, _):
+        dq, travel, dkv = carry
+        arriving = _shift(travel, axis_name, n)
+        dq, dkv = compute(dq, travel, dkv)
+        return (dq, arriving, _shift(dkv, axis_name, n)), None  # dK/dV follow their block
+
+    travel = (jnp.stack([k, v]), arrays.kv_pos, arrays.kv_seg)
+    zeros = vma.like((jnp.zeros(q.shape, F32), jnp.zeros((2,) + k.shape, F32)),
+                     q, k, v, arrays, do)
+    carry = (zeros[0], travel, zeros[1])
+    (dq, travel, dkv), _ = lax.scan(ring_step, carry, None, length=steps - 1)
+    dq, dkv = compute(dq, travel, dkv)
+    # The block here belongs to device r - (steps - 1): one hop takes its grads home.
+    dkv = _shift(dkv, axis_name, n, hops=-(steps - 1))
+    return dq, dkv[0], dkv[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ring(cfg, axis_name, steps, q, k, v, arrays):
+    out, lse = _ring_forward(cfg, axis_name, steps, q, k, v, arrays)
+    return out.astype(q.dtype), lse
+
+
+def _ring_fwd(cfg, axis_name, steps, q, k, v, arrays):
+    out, lse = _ring_forward(cfg, axis_name, steps, q, k, v, arrays)
+    out = out.astype(q.dtype)
+    return (out, lse), (q, k, v, arrays, out, lse)
+
+
+def _ring_bwd(cfg, axis_name, steps, residuals, cotangents):
+    q, k, v, arrays, out, lse = residuals
+    do, dlse = cotangents
+    dq, dk, dv = _ring_backward(cfg, axis_name, steps, q, k, v, arrays, out, lse, do, dlse)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def shard_mask_arrays(q, k, axis_name, *, positions=None, kv_positions=None, segment_ids=None,
+                      kv_segment_ids=None) -> MaskArrays:
+    """This shard's MaskArrays; positions default to the contiguous layout.
+
+    Without positions, queries sit at axis_index * T + arange(T) and keys at
+    axis_index * S + arange(S); with positions, kv_positions default to them
+    (self-attention over the same tokens).
+    """
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+
+    def contiguous(length):
+        return lax.axis_index(axis_name) * length + jnp.arange(length, dtype=jnp.int32)
+
+    if kv_positions is None:
+        if positions is None:
+            kv_positions = contiguous(kv_len)
+        elif kv_len == q_len:
+            kv_positions = positions
+        else:
+            raise ValueError(
+                f"kv_positions is needed when positions are given and the local key length"
+                f" ({kv_len}) differs from the query length ({q_len})")
+    if positions is None:
+        positions = contiguous(q_len)
+    return masks_lib.make_mask_arrays(
+        batch, q_len, kv_len, positions=positions, kv_positions=kv_positions,
+        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+
+
+def ring_attention(q, k, v, *, axis_name, causal=False, window=None, segment_ids=None,
+                   kv_segment_ids=None, positions=None, kv_positions=None, scale=None,
+                   block_q=512, block_k=512, max_steps=None, return_lse=False):
+    """Exact softmax attention of this shard's queries over the whole ring's keys.
+
+    Call inside `jax.shard_map` with the sequence dimension sharded on
+    `axis_name`; every argument is this device's shard, in layout order.
+
+    Args:
+      q: [B, T, H, D] float32 or bfloat16.
+      k, v: [B, S, K, D], H % K == 0 (grouped-query heads are never repeated).
+      axis_name: the mesh axis the sequence is sharded on (the ring).
+      causal, window: as in `lca.attention`, on global positions.
+      segment_ids, kv_segment_ids: int [B, T] / [B, S] local shards; attend
+        only within equal ids; kv_segment_ids defaults to segment_ids.
+      positions, kv_positions: int [T] or [B, T] / [S] or [B, S] global
+        positions of the local tokens. Default: the contiguous layout,
+        axis_index * T + arange(T); kv_positions defaults to positions.
+      scale: logit scale, default D ** -0.5.
+      block_q, block_k: tile lengths of each step's blockwise attention. For
+        zigzag, a divisor of T / 2 keeps tiles inside one chunk.
+      max_steps: ring steps to take (default n, the whole ring). Fewer skips
+        the shards more than max_steps - 1 hops upstream; only correct when
+        every such pair is masked, as for a causal window w with
+        max_steps >= 1 + ceil((w - 1) / S) on the contiguous layout
+        (`lca.parallel.sequence` sets it there).
+      return_lse: also return the float32 log-sum-exp [B, T, H].
+
+    Returns:
+      [B, T, H, D] in q's dtype (zeros for a query that sees no key), and with
+      `return_lse` the log-sum-exp (-inf for such a query).
+    """
+    check_attention_args(
+        q, k, v, causal=causal, window=window, segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids, positions=positions, kv_positions=kv_positions,
+        scale=scale)
+    n = lax.axis_size(axis_name)
+    if max_steps is not None and (isinstance(max_steps, bool)
+                                  or not isinstance(max_steps, (int, np.integer))
+                                  or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive integer or None; got {max_steps!r}")
+    steps = n if max_steps is None else min(int(max_steps), n)
+    cfg = blockwise.make_config(q, k, causal=causal, window=window,
+                                segments=segment_ids is not None, scale=scale,
+                                block_q=block_q, block_k=block_k)
+    arrays = shard_mask_arrays(q, k, axis_name, positions=positions, kv_positions=kv_positions,
+                               segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    out, lse = _ring(cfg, axis_name, steps, q, k, v, arrays)
+    return (out, lse) if return_lse else out

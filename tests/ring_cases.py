@@ -1,0 +1,54 @@
+"""Inputs and the float64 comparison shared by the sequence-parallel attention tests."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from attention_cases import (assert_matches_reference, make_inputs, outputs_and_grads,
+                             random_segments, reference_outputs_and_grads)
+
+import lca
+from lca.parallel import make_mesh
+
+LAYOUTS = ("contiguous", "striped", "zigzag")
+MASKS = ("bidirectional", "causal", "window", "causal_segments")
+HEADS = {"mha": 4, "gqa": 2}  # kv_heads for 4 query heads
+SEQ_LEN = 64
+BLOCKS = {"block_q": 4, "block_k": 4}  # several tiles per zigzag chunk even at n = 8
+
+
+def sub_mesh(n, axis="sequence"):
+    """A 1-D mesh of the first n devices: in-process, far cheaper than a subprocess."""
+    return make_mesh({axis: n}, devices=jax.devices()[:n])
+
+
+def mask_kwargs(name, seed, batch, seq_len):
+    """Self-attention masks; packed documents cross shard boundaries in every layout."""
+    if name == "bidirectional":
+        return {}
+    if name == "causal":
+        return {"causal": True}
+    if name == "window":
+        return {"causal": True, "window": 19}  # several shards wide at n >= 4, not all
+    if name == "causal_segments":
+        rng = np.random.default_rng(seed + 1000)
+        return {"causal": True, "segment_ids": random_segments(rng, batch, seq_len, 5)}
+    raise KeyError(name)
+
+
+def check_against_reference(mesh, layout, mask, kv_heads, *, impl="ring", seed=0,
+                            dtype=jnp.float32, seq_len=SEQ_LEN, **options):
+    """Natural-order output and q/k/v gradients equal the float64 reference."""
+    q, k, v, ct = make_inputs(seed, batch=2, q_len=seq_len, kv_len=seq_len, heads=4,
+                              kv_heads=kv_heads, head_dim=8, dtype=dtype)
+    kwargs = mask_kwargs(mask, seed, 2, seq_len)
+    fn = functools.partial(lca.sequence_parallel_attention, mesh=mesh, impl=impl, layout=layout,
+                           **kwargs, **{**BLOCKS, **options})
+    got = outputs_and_grads(jax.jit(fn), q, k, v, ct)
+    assert got[0].dtype == dtype and got[0].shape == q.shape
+    ref = reference_outputs_and_grads(q, k, v, ct, **kwargs)
+    what = f"{impl}/{layout}/{mask}/kv_heads={kv_heads}/mesh={dict(mesh.shape)}"
+    assert_matches_reference(got, ref, dtype, what)
