@@ -2,7 +2,9 @@
 
 from lca import kernels, layouts
 from lca.attention import KERNELS, attention
+from lca.kernels.linear import linear_attention, linear_attention_step
 from lca.parallel.sequence import sequence_parallel_attention
 
-__all__ = ["attention", "kernels", "layouts", "KERNELS", "sequence_parallel_attention"]
+__all__ = ["attention", "linear_attention", "linear_attention_step",
+           "kernels", "layouts", "KERNELS", "sequence_parallel_attention"]
 __version__ = "0.1.0"

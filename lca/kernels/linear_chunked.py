@@ -1,0 +1,179 @@
+"""The chunked form of causal linear attention with decay (Lightning Attention-2 style).
+
+Dimension legend:
+  B batch, T length, H heads, K key_dim, V value_dim (V + 1 when the key-sum
+  column of `normalize` rides along), C chunk length, N chunks per scan step,
+  L = N * C tokens per scan step.
+
+Recurrence per head, g_t = log_decay_t <= 0:
+
+    S_t = exp(g_t) S_{t-1} + k_t v_tᵀ,    o_t = S_tᵀ q_t.
+
+Inside a chunk the output is a masked product (q kᵀ ⊙ decay) v plus the
+incoming state read through the decayed query; across chunks only the
+[K, V] state travels. One scan step takes N chunks at once: their intra-chunk
+products, their chunk-local states, and the states entering each chunk (an
+[N, N] decay-weighted mix of the chunk-local states) are all matrix products,
+and only the [B, H, K, V] state is carried from step to step.
+
+Every decay exponent is a direct sum of log decays over a segment (a masked
+cumulative sum), never a difference of two long prefix sums, so it is <= 0 by
+construction: g = -50 per token over millions of tokens underflows to exact
+zeros, never to inf or NaN, in the forward pass and in the gradients.
+
+The scan body is `jax.checkpoint`ed: the backward pass keeps one [B, H, K, V]
+state per step and recomputes the step, so memory stays linear in length with
+a small constant. Plain autodiff through the scan gives gradients for q, k,
+v, the decays and the initial state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Chunks per scan step: enough work per step that loop overhead vanishes,
+# few enough that the [N, N] chunk mix stays a small share of the FLOPs.
+CHUNKS_PER_STEP = 16
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def vary_like(state, *refs):
+    """state, typed to vary over every mesh axis the refs vary over inside `jax.shard_map`.
+
+    A scan carry must keep its type; a zero initial state varies over no axis
+    while the step's output varies like the inputs. Adding typed scalar zeros
+    fixes that with public API only; outside shard_map it is a no-op.
+    """
+    for ref in refs:
+        if ref is not None:
+            state = state + jnp.zeros_like(ref, shape=(), dtype=state.dtype)
+    return state
+
+
+def segsum(g):
+    """[..., C] log decays -> [..., C, C] with D[t, s] = sum_{s < r <= t} g_r.
+
+    Zero on and above the diagonal (t <= s); a masked cumulative sum, so each
+    entry is a sum of the g's it covers and is <= 0 whenever they are.
+    """
+    c = g.shape[-1]
+    strict = jnp.tril(jnp.ones((c, c), bool), -1)  # r = t > s
+    return jnp.cumsum(jnp.where(strict, g[..., :, None], 0), axis=-2)
+
+
+def tail_sums(g, axis):
+    """sum_{r > s} g_r along `axis` (an exclusive reverse cumulative sum)."""
+    inclusive = lax.cumsum(g, axis=axis % g.ndim, reverse=True)
+    widths = [(0, 0)] * g.ndim
+    widths[axis % g.ndim] = (0, 1)
+    return lax.slice_in_dim(jnp.pad(inclusive, widths), 1, None, axis=axis)
+
+
+def _decay_mask(g_h, causal):
+    """exp(segsum) on and below the diagonal, 0 above: [..., C] -> [..., C, C]."""
+    return jnp.where(causal, jnp.exp(segsum(g_h)), 0)
+
+
+def block(q, k, v, g, state):
+    """N chunks of C tokens and the state entering the first one.
+
+    Args:
+      q, k: [B, N, C, H, K]; v: [B, N, C, H, V].
+      g: [B, N, C, H] log decays (compute dtype) or None for no decay.
+      state: [B, H, K, V] state before the first token (compute dtype).
+
+    Returns:
+      out [B, N, C, H, V] and the state after the last token, both in the
+      state's dtype.
+    """
+    acc = state.dtype
+    n, c = q.shape[1], q.shape[2]
+    causal_c = jnp.tril(jnp.ones((c, c), bool))
+    causal_n = jnp.tril(jnp.ones((n, n), bool))
+    scores = jnp.einsum("bnthk,bnshk->bnhts", q, k, preferred_element_type=acc)
+    if g is None:
+        weights = jnp.where(causal_c, scores, 0)
+        q_in, k_out = q, k
+        chunk_states = jnp.einsum("bnshk,bnshv->bnhkv", k, v, preferred_element_type=acc)
+        after = jnp.cumsum(chunk_states, axis=1) + state[:, None]
+    else:
+        weights = scores * _decay_mask(jnp.moveaxis(g, -1, 2), causal_c)  # [B, N, H, C, C]
+        g_in = jnp.cumsum(g, axis=2)  # decay from the chunk's start through t
+        q_in = q * jnp.exp(g_in)[..., None]
+        k_out = k * jnp.exp(tail_sums(g, axis=2))[..., None]  # decay from s to the chunk's end
+        chunk_states = jnp.einsum("bnshk,bnshv->bnhkv", k_out, v, preferred_element_type=acc)
+        g_chunk = g.sum(axis=2)  # [B, N, H]
+        mix = _decay_mask(jnp.moveaxis(g_chunk, 1, -1), causal_n)  # [B, H, N, N]
+        carried = jnp.exp(jnp.cumsum(g_chunk, axis=1))[..., None, None] * state[:, None]
+        after = jnp.einsum("bhji,bihkv->bjhkv", mix, chunk_states,
+                           preferred_element_type=acc) + carried
+    incoming = jnp.concatenate([state[:, None], after[:, :-1]], axis=1)  # [B, N, H, K, V]
+    out = (jnp.einsum("bnhts,bnshv->bnthv", weights, v, preferred_element_type=acc)
+           + jnp.einsum("bnthk,bnhkv->bnthv", q_in, incoming, preferred_element_type=acc))
+    return out, after[:, -1]
+
+
+def chunked(q, k, v, g, state, chunk_size, chunks_per_step=CHUNKS_PER_STEP):
+    """Chunked causal linear attention.
+
+    Args:
+      q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] or None;
+      state: [B, H, K, V] initial state in the compute dtype.
+      chunk_size: C (clipped to T); T need not be a multiple of it.
+
+    Returns:
+      out [B, T, H, V] and the final state [B, H, K, V], in the state's dtype.
+    """
+    b, t, h = q.shape[:3]
+    c = min(chunk_size, t)
+    n = _cdiv(t, c)
+    steps = _cdiv(n, chunks_per_step)
+    per_step = _cdiv(n, steps)
+    padded = steps * per_step * c
+
+    def blocks(x):
+        # Zero padding at the end changes nothing before it: a padded token has
+        # k = v = 0 (no state update) and g = 0 (no decay).
+        if padded != t:
+            x = jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(b, steps, per_step, c, *x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)  # a free reshape when B == 1
+
+    xs = tuple(None if x is None else blocks(x) for x in (q, k, v, g))
+    if steps == 1:
+        out, state = block(*(x[0] if x is not None else None for x in xs), state)
+        out = out[None]
+    else:
+        def step(carry, x):
+            out, carry = block(*x, carry)
+            return carry, out
+
+        state = vary_like(state, q, k, v, g)
+        state, out = lax.scan(jax.checkpoint(step, prevent_cse=False), state, xs)
+    out = jnp.moveaxis(out, 0, 1).reshape(b, padded, h, -1)
+    return out[:, :t], state
+
+
+def quadratic(q, k, v, g, state):
+    """The dense masked form: one chunk as long as the sequence (a reference)."""
+    expand = lambda x: None if x is None else x[:, None]
+    out, state = block(expand(q), expand(k), expand(v), expand(g), state)
+    return out[:, 0], state
+
+
+def segment_state(k, v, g, acc):
+    """(total log decay [B, H], state [B, H, K, V]) of a segment from a zero state.
+
+    One [K, T] x [T, V] product per head: what a shard needs to publish
+    before its own output is computed.
+    """
+    if g is None:
+        total = jnp.zeros(k.shape[:1] + k.shape[2:3], acc)
+        return total, jnp.einsum("bshk,bshv->bhkv", k, v, preferred_element_type=acc)
+    k_out = k * jnp.exp(tail_sums(g, axis=1))[..., None]
+    return g.sum(axis=1), jnp.einsum("bshk,bshv->bhkv", k_out, v, preferred_element_type=acc)

@@ -1,0 +1,149 @@
+"""Causal linear attention on one device: every impl against the float64 recurrence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lca
+from linear_cases import (DECAYS, assert_close, make_inputs, outputs_and_grads, reference,
+                          reference_results)
+
+# Length 75: not a multiple of any chunk size below. With chunk_size 4 the
+# chunked impl takes 19 chunks in two scan steps (with padding); with 16, five
+# chunks in one step, the last one partial.
+CHUNK = {"none": 4, "head": 16, "token": 4}
+
+
+def _kernel(impl, normalize, chunk_size=16):
+    def fn(q, k, v, log_decay, initial_state):
+        return lca.linear_attention(q, k, v, log_decay=log_decay, normalize=normalize,
+                                    chunk_size=chunk_size, initial_state=initial_state,
+                                    return_state=True, impl=impl)
+    return fn
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("impl", ["chunked", "recurrent", "quadratic"])
+def test_matches_float64_recurrence_outputs_state_and_gradients(impl, decay, normalize):
+    inputs = make_inputs(0, decay=decay, normalize=normalize)
+    got = outputs_and_grads(_kernel(impl, normalize, CHUNK[decay]), inputs)
+    assert_close(got, reference_results(0, decay, normalize), jnp.float32,
+                 f"{impl}/{decay}/normalize={normalize}")
+
+
+def test_bfloat16_inputs_give_bfloat16_outputs_and_float32_state():
+    inputs = make_inputs(0, decay="token", normalize=True, dtype=jnp.bfloat16)
+    got = outputs_and_grads(_kernel("chunked", True, 4), inputs)
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+    assert_close(got, reference_results(0, "token", True), jnp.bfloat16, "bfloat16")
+
+
+def test_default_chunk_and_no_initial_state():
+    x = make_inputs(1, length=150, decay="head")
+    out = lca.linear_attention(x["q"], x["k"], x["v"], log_decay=x["log_decay"])
+    f64 = lambda a: a.astype(jnp.float64)
+    ref, _ = reference(f64(x["q"]), f64(x["k"]), f64(x["v"]), f64(x["log_decay"]))
+    assert out.shape == x["v"].shape and out.dtype == jnp.float32
+    np.testing.assert_array_less(np.abs(out - ref).max() / np.abs(ref).max(), 2e-5)
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_prefill_then_decoding_steps_reproduce_the_full_forward(normalize):
+    x = make_inputs(2, length=40, decay="token", normalize=normalize)
+    q, k, v, g = x["q"], x["k"], x["v"], x["log_decay"]
+    full, full_state = lca.linear_attention(q, k, v, log_decay=g, normalize=normalize,
+                                            chunk_size=8, initial_state=x["initial_state"],
+                                            return_state=True)
+    prefill = 13
+    out, state = lca.linear_attention(q[:, :prefill], k[:, :prefill], v[:, :prefill],
+                                      log_decay=g[:, :prefill], normalize=normalize,
+                                      chunk_size=8, initial_state=x["initial_state"],
+                                      return_state=True)
+    step = jax.jit(lambda s, q, k, v, g: lca.linear_attention_step(
+        s, q, k, v, log_decay=g, normalize=normalize))
+    outs = [out]
+    for t in range(prefill, q.shape[1]):
+        o_t, state = step(state, q[:, t], k[:, t], v[:, t], g[:, t])
+        outs.append(o_t[:, None])
+    decoded = jnp.concatenate(outs, axis=1)
+    scale = np.abs(full).max()
+    assert np.abs(decoded - full).max() <= 2e-5 * scale
+    assert np.abs(state - full_state).max() <= 2e-5 * np.abs(full_state).max()
+
+
+def test_step_with_a_constant_decay_per_head():
+    x = make_inputs(3, length=6, decay="head")
+    state = x["initial_state"]
+    for t in range(6):
+        o_t, state = lca.linear_attention_step(state, x["q"][:, t], x["k"][:, t], x["v"][:, t],
+                                               log_decay=x["log_decay"])
+    out, final = lca.linear_attention(x["q"], x["k"], x["v"], log_decay=x["log_decay"],
+                                      initial_state=x["initial_state"], return_state=True)
+    np.testing.assert_allclose(o_t, out[:, -1], rtol=0, atol=2e-5 * np.abs(out).max())
+    np.testing.assert_allclose(state, final, rtol=0, atol=2e-5 * np.abs(final).max())
+
+
+@pytest.mark.parametrize("decay_shape", ["head", "token"])
+def test_strong_decay_over_4096_tokens_is_finite_and_exact(decay_shape):
+    """g = -50 per token: a naive exp(G_t) / exp(G_s) form overflows after two tokens."""
+    b, t, h, d = 1, 4096, 2, 4
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(3))
+    g = jnp.full((h,) if decay_shape == "head" else (b, t, h), -50.0, jnp.float32)
+
+    def loss(q, k, v, g):
+        out, state = lca.linear_attention(q, k, v, log_decay=g, return_state=True)
+        return out.sum() + state.sum(), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
+        q, k, v, g)
+    for x in (out, *grads):
+        assert np.all(np.isfinite(np.asarray(x)))
+    # Only the token itself survives the decay: o_t = (q_t · k_t) v_t.
+    expected = (q * k).sum(-1, keepdims=True) * v
+    assert np.abs(out - expected).max() <= 2e-5 * np.abs(expected).max()
+
+
+def test_chunked_memory_is_linear_in_length():
+    def temp(length):
+        x = jax.ShapeDtypeStruct((1, length, 4, 64), jnp.float32)
+        g = jax.ShapeDtypeStruct((1, length, 4), jnp.float32)
+        loss = lambda q, k, v, g: lca.linear_attention(q, k, v, log_decay=g).sum()
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, x, x, g).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    small, large = temp(8192), temp(32768)
+    assert large <= 4.2 * small, f"T=8192: {small} B, T=32768: {large} B"
+    assert large <= 4 * 32768 * 4 * 64 * 4, "more than four [B, T, H, D] float32 buffers"
+
+
+def test_feature_maps_give_the_kernels_they_promise():
+    rng = np.random.default_rng(5)
+    q, k = (jnp.asarray(rng.standard_normal((2, 7, 3, 4)), jnp.float32) for _ in range(2))
+    s = (q * k).sum(-1) / 2.0  # scale = head_dim ** -0.5 = 1/2
+    taylor = (lca.kernels.taylor2(q) * lca.kernels.taylor2(k)).sum(-1)
+    np.testing.assert_allclose(taylor, 1 + s + s**2 / 2, rtol=1e-5)
+    assert lca.kernels.taylor2(q).shape == (2, 7, 3, 1 + 4 + 16)
+    assert np.all(lca.kernels.elu1(q) > 0) and np.all(lca.kernels.relu(q) >= 0)
+    np.testing.assert_array_equal(lca.kernels.relu(q), np.maximum(q, 0))
+
+
+def test_hedgehog_is_positive_normalised_and_learnable():
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((2, 5, 3, 4)), jnp.float32)
+    weight, bias = lca.kernels.hedgehog_identity(3, 4)
+    phi = lca.kernels.hedgehog(x, weight, bias)
+    assert phi.shape == (2, 5, 3, 8) and np.all(phi > 0)
+    np.testing.assert_allclose(phi.sum(-1), 1, rtol=1e-6)
+    # At the identity map the features are softmax([x, -x]).
+    np.testing.assert_allclose(phi, jax.nn.softmax(jnp.concatenate([x, -x], -1)), rtol=1e-6)
+
+    def loss(weight, bias):
+        phi = lca.kernels.hedgehog(x, weight, bias)
+        return lca.linear_attention(phi, phi, x, normalize=True).sum()
+
+    dw, db = jax.grad(loss, argnums=(0, 1))(weight, bias)
+    assert dw.shape == weight.shape and db.shape == bias.shape
+    assert np.abs(dw).max() > 0 and np.abs(db).max() > 0
