@@ -6,5 +6,12 @@ from lca.kernels.linear import linear_attention, linear_attention_step
 from lca.parallel.sequence import sequence_parallel_attention
 
 __all__ = ["attention", "linear_attention", "linear_attention_step",
-           "kernels", "layouts", "KERNELS", "sequence_parallel_attention"]
+           "kernels", "layouts", "KERNELS", "sequence_parallel_attention", "load"]
 __version__ = "0.1.0"
+
+
+def load(workdir, step=None, mesh=None):
+    """`(model, config, step)` from a training run's checkpoint, restored onto `mesh`
+    (default: one CPU device). See `lca.train.checkpoint.load`."""
+    from lca.train.checkpoint import load as _load  # Flax/Orbax only when asked for
+    return _load(workdir, step=step, mesh=mesh)

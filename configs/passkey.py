@@ -1,0 +1,71 @@
+"""Passkey retrieval with ring attention in the zigzag layout: the default main job.
+
+    make run
+    # = python experiments/train.py --config configs/passkey.py --workdir out/passkey
+
+A 2-layer model (embed 64, 4 heads, 2 KV heads) learns to find a 4-digit key
+hidden at a random depth in 512 tokens of filler, on a (data=2, sequence=4)
+mesh of 8 emulated CPU devices. Expect: train loss near 0, held-out
+`accuracy` (all 4 digits right) >= 0.9 at every depth, in under 10 minutes on
+a 2-core machine.
+
+Variants: `configs/passkey.py:smoke` (seconds, for tests);
+`configs/passkey.py:blockwise` (same model, blockwise attention).
+"""
+
+import ml_collections
+
+PARAM_RULES = (("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
+               ("kv_heads", "tensor"), ("mlp", "tensor"))
+ACTIVATION_RULES = (("batch", ("data", "fsdp")), ("length", "sequence"), ("heads", "tensor"),
+                    ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+
+
+def base_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.cpu_devices = 8  # emulated CPU devices (ignored when JAX already started)
+    c.mesh = ml_collections.ConfigDict({"data": 2, "sequence": 4})
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.params = PARAM_RULES
+    c.sharding.activations = ACTIVATION_RULES
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=128, embed=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=256,
+        attention="ring", layout="zigzag", window=0, block_q=128, block_k=128,
+        tied_embeddings=False, rope_base=10000.0, norm_eps=1e-6, remat=False, dtype="float32",
+        linear=ml_collections.ConfigDict(dict(
+            feature_map="elu1", decay=True, normalize=False, chunk_size=64, hedgehog_dim=0))))
+    c.data = ml_collections.ConfigDict(dict(
+        task="passkey", seq_len=512, vocab_size=128, key_len=4, num_pairs=16, num_queries=8,
+        validation_percent=5, max_bytes=0, curriculum=((64, 200), (128, 100), (256, 100))))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=550, batch_size=16, learning_rate=3e-3, warmup_steps=50,
+        end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
+        log_every=20, eval_every=200, checkpoint_every=200, keep_checkpoints=2))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=32, batches=4, lengths=(512,),
+                                            depth_bins=10))
+    return c
+
+
+def smoke(c):
+    """Seconds: a tiny model, short sequences, a few steps."""
+    c.model.embed, c.model.mlp, c.model.block_q, c.model.block_k = 32, 64, 16, 16
+    c.data.seq_len = 64
+    c.data.curriculum = ((32, 2),)
+    c.train.update(steps=8, batch_size=8, log_every=2, eval_every=0, checkpoint_every=4,
+                   warmup_steps=2, learning_rate=1e-2)
+    c.eval.update(batch_size=4, batches=1, lengths=(64,), depth_bins=4)
+    return c
+
+
+def get_config(arg=""):
+    c = base_config()
+    for variant in filter(None, (arg or "").split(",")):
+        if variant == "smoke":
+            smoke(c)
+        elif variant in ("blockwise", "xla", "allgather", "ring"):
+            c.model.attention = variant
+        else:
+            raise ValueError(f"configs/passkey.py: unknown variant {variant!r};"
+                             " known: smoke, blockwise, xla, allgather, ring")
+    return c

@@ -1,0 +1,55 @@
+"""Frozen model configuration: what `lca.train` builds from an ml_collections config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+LAYOUTS = ("contiguous", "striped", "zigzag")
+FEATURE_MAPS = ("elu1", "relu", "taylor2", "hedgehog", "identity")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOptions:
+    """Options of a `linear` attention layer."""
+
+    feature_map: str = "elu1"
+    decay: bool = True            # a learned per-head log-decay
+    normalize: bool = False
+    chunk_size: int = 64
+    hedgehog_dim: int = 0         # hedgehog: E (2E features); 0 means head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer.
+
+    `attention` lists each layer's kernel by name; a shorter list is cycled
+    over the layers, so ("linear", "linear", "linear", "ring") with
+    `layers=8` is two hybrid groups. `layout` is the token layout of the
+    whole model (the permutation happens once, at the input).
+    """
+
+    vocab_size: int = 256
+    embed: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    mlp: int = 256
+    attention: tuple[str, ...] = ("blockwise",)
+    layout: str = "contiguous"
+    window: int = 0               # causal sliding window in tokens; 0 = none
+    block_q: int = 128
+    block_k: int = 128
+    linear: LinearOptions = LinearOptions()
+    tied_embeddings: bool = False
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    remat: bool = False
+    dtype: str = "float32"        # activation dtype; parameters are float32
+
+    def layer_kernels(self) -> tuple[str, ...]:
+        return tuple(self.attention[i % len(self.attention)] for i in range(self.layers))
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,133 @@
+"""Logical axis names -> mesh axes, for parameters and activations.
+
+Model code names only logical axes (`batch`, `length`, `embed`, `heads`,
+`kv_heads`, `head_dim`, `mlp`, `vocab`). A rule set is data: a tuple of
+`(logical, physical)` pairs where physical is a mesh axis name, a tuple of
+them, or None (replicated). Parameters and activations have separate rule sets
+(e.g. `embed` -> `fsdp` for weights, `length` -> `sequence` for activations).
+
+Mesh axes a rule names but the mesh lacks are dropped, so one rule set serves
+a (data, sequence) mesh, a (data, fsdp, sequence, tensor) mesh and no mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+Rules = tuple  # ((logical, physical | tuple[physical, ...] | None), ...)
+
+
+def check_rules(name: str, rules: Rules) -> Rules:
+    """Validates a rule set and returns it as a tuple of (logical, tuple-of-axes) pairs."""
+    out = []
+    for pair in rules:
+        if len(pair) != 2:
+            raise ValueError(f"{name}: each rule is (logical, physical); got {pair!r}")
+        logical, physical = pair
+        if logical not in LOGICAL_AXES:
+            raise ValueError(f"{name}: unknown logical axis {logical!r}; known: {LOGICAL_AXES}")
+        axes = () if physical is None else (physical,) if isinstance(physical, str) else tuple(physical)
+        for axis in axes:
+            if axis not in MESH_AXES:
+                raise ValueError(
+                    f"{name}: logical axis {logical!r} maps to unknown mesh axis {axis!r};"
+                    f" known mesh axes: {MESH_AXES}")
+        out.append((logical, axes))
+    return tuple(out)
+
+
+def spec_for(logical: Sequence[str | None], rules: Rules, mesh: Mesh | None,
+             shape: Sequence[int] | None = None) -> PartitionSpec:
+    """The PartitionSpec of an array whose dimensions have these logical names.
+
+    Mesh axes missing from `mesh` (or already used by an earlier dimension)
+    are dropped. With `shape`, an axis that does not divide its dimension is
+    dropped too (used for activations such as a batch of one).
+    """
+    table = dict(check_rules("rules", rules))
+    present = dict(mesh.shape) if mesh is not None else {}
+    used, parts = set(), []
+    for i, name in enumerate(logical):
+        axes = [a for a in table.get(name, ()) if a in present and a not in used]
+        if shape is not None:
+            kept, size = [], 1
+            for a in axes:
+                if shape[i] % (size * present[a]) == 0:
+                    kept.append(a)
+                    size *= present[a]
+            axes = kept
+        used.update(axes)
+        parts.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingContext:
+    """What a model needs to place its activations: a mesh (or None) and the rules."""
+
+    mesh: Mesh | None = None
+    activation_rules: Rules = ()
+    sequence_axis: str = "sequence"
+
+    @property
+    def sequence_shards(self) -> int:
+        if self.mesh is None:
+            return 1
+        return dict(self.mesh.shape).get(self.sequence_axis, 1)
+
+
+def constrain(x, logical: Sequence[str | None], ctx: ShardingContext | None):
+    """`with_sharding_constraint` by logical names; does nothing without a mesh."""
+    if ctx is None or ctx.mesh is None:
+        return x
+    spec = spec_for(logical, ctx.activation_rules, ctx.mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+
+
+def _logical_names(variable):
+    names = variable.get_metadata().get("out_sharding")
+    return tuple(names) if names else (None,) * len(variable.shape)
+
+
+def param_specs(state, rules: Rules, mesh: Mesh | None):
+    """The State with each Variable's value replaced by its PartitionSpec.
+
+    Variables carry their logical axis names as `sharding` metadata.
+    Raises a ValueError naming the parameter when a mesh axis does not divide
+    the dimension it shards.
+    """
+    from flax import nnx  # only the sharding of Variables needs Flax
+
+    present = dict(mesh.shape) if mesh is not None else {}
+
+    def one(path, v):
+        if not isinstance(v, nnx.Variable):
+            return PartitionSpec()
+        names = _logical_names(v)
+        spec = spec_for(names, rules, mesh)
+        for dim, part in zip(v.shape, spec):
+            axes = () if part is None else (part,) if isinstance(part, str) else part
+            size = math.prod(present[a] for a in axes)
+            if dim % size:
+                key = "/".join(str(getattr(p, "key", p)) for p in path)
+                raise ValueError(
+                    f"parameter {key} of shape {tuple(v.shape)} (logical {names}) cannot be"
+                    f" sharded as {spec}: {dim} does not divide by mesh axes {axes} of size"
+                    f" {size}; change the model size or the rule in config.sharding.params")
+        return v.replace(spec)
+
+    return jax.tree_util.tree_map_with_path(
+        one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_shardings(state, rules: Rules, mesh: Mesh):
+    """NamedShardings for an nnx State (see `param_specs`)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state, rules, mesh))

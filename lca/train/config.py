@@ -1,0 +1,211 @@
+"""ml_collections config -> frozen dataclasses, validated before anything compiles.
+
+This is where `ml_collections` stops: everything below `lca.train` sees the
+dataclasses. `Experiment.to_dict()` is what a checkpoint stores and
+`Experiment.from_dict()` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from lca import layouts
+from lca.models import kernels
+from lca.models.config import FEATURE_MAPS, LinearOptions, ModelConfig
+from lca.parallel.sharding import MESH_AXES, check_rules
+
+TASKS = ("passkey", "recall", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    task: str = "passkey"
+    seq_len: int = 512
+    vocab_size: int = 64
+    key_len: int = 4              # passkey
+    num_pairs: int = 16           # recall
+    num_queries: int = 8          # recall
+    validation_percent: int = 5   # text
+    max_bytes: int = 0            # text; 0 = whole split
+    curriculum: tuple = ()        # ((seq_len, steps), ...) before seq_len; see lca.data.Batches
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    end_learning_rate_fraction: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0           # 0 = only at the end
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 8
+    batches: int = 2
+    lengths: tuple[int, ...] = ()  # retrieval: lengths to score; () = the training length
+    depth_bins: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig
+    mesh: tuple[tuple[str, int], ...] = (("data", -1),)
+    param_rules: tuple = ()
+    activation_rules: tuple = ()
+    seed: int = 0
+    cpu_devices: int = 0
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Experiment":
+        m = dict(d["model"])
+        m["linear"] = LinearOptions(**m["linear"])
+        m["attention"] = tuple(m["attention"])
+        ev = dict(d["eval"], lengths=tuple(d["eval"]["lengths"]))
+        data = dict(d["data"], curriculum=tuple(tuple(x) for x in d["data"]["curriculum"]))
+        return cls(model=ModelConfig(**m), data=DataConfig(**data),
+                   train=TrainConfig(**d["train"]), eval=EvalConfig(**ev),
+                   mesh=tuple((str(a), int(s)) for a, s in d["mesh"]),
+                   param_rules=_rules(d["param_rules"]),
+                   activation_rules=_rules(d["activation_rules"]),
+                   seed=int(d["seed"]), cpu_devices=int(d["cpu_devices"]))
+
+    def mesh_sizes(self, num_devices: int) -> dict:
+        """The mesh with -1 resolved (the error names config.mesh; see `make_mesh`)."""
+        sizes = dict(self.mesh)
+        known = math.prod(s for s in sizes.values() if s != -1)
+        if -1 in sizes.values():
+            sizes = {a: (num_devices // known if s == -1 else s) for a, s in sizes.items()}
+        if math.prod(sizes.values()) != num_devices:
+            raise ValueError(
+                f"config.mesh {dict(self.mesh)} multiplies to {math.prod(sizes.values())}, but"
+                f" there are {num_devices} devices; make the product {num_devices}"
+                " or set one axis to -1")
+        return sizes
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _rules(pairs) -> tuple:
+    out = []
+    for logical, physical in pairs:
+        if isinstance(physical, (list, tuple)):
+            physical = tuple(physical)
+        out.append((logical, physical))
+    return tuple(out)
+
+
+def _fields(cls, section: Any, name: str) -> dict:
+    d = dict(section)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"config.{name} has unknown option(s) {unknown}; known: {sorted(known)}")
+    return d
+
+
+def _data(section) -> DataConfig:
+    d = _fields(DataConfig, section, "data")
+    d["curriculum"] = tuple((int(n), int(s)) for n, s in d.get("curriculum", ()))
+    return DataConfig(**d)
+
+
+def from_config(config) -> Experiment:
+    """Builds and validates an `Experiment` from a ConfigDict (or nested dict)."""
+    c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    model = _fields(ModelConfig, c["model"], "model")
+    model["linear"] = LinearOptions(**_fields(LinearOptions, model.get("linear", {}),
+                                              "model.linear"))
+    attention = model.get("attention", "blockwise")
+    if isinstance(attention, str):
+        attention = [a.strip() for a in attention.split(",") if a.strip()]
+    model["attention"] = tuple(attention)
+    ev = _fields(EvalConfig, c.get("eval", {}), "eval")
+    ev["lengths"] = tuple(int(x) for x in ev.get("lengths", ()))
+    mesh = c.get("mesh", {"data": -1})
+    exp = Experiment(
+        model=ModelConfig(**model),
+        data=_data(c.get("data", {})),
+        train=TrainConfig(**_fields(TrainConfig, c.get("train", {}), "train")),
+        eval=EvalConfig(**ev),
+        mesh=tuple((str(a), int(s)) for a, s in dict(mesh).items()),
+        param_rules=_rules(c.get("sharding", {}).get("params", ())),
+        activation_rules=_rules(c.get("sharding", {}).get("activations", ())),
+        seed=int(c.get("seed", 0)), cpu_devices=int(c.get("cpu_devices", 0)))
+    validate(exp)
+    return exp
+
+
+def validate(exp: Experiment, num_devices: int | None = None) -> None:
+    """Raises a ValueError naming the option; with `num_devices`, checks the mesh too."""
+    m, d, t = exp.model, exp.data, exp.train
+    for kernel in m.attention:
+        if kernel not in kernels.KERNELS:
+            raise ValueError(f"config.model.attention names unknown kernel {kernel!r};"
+                             f" known: {sorted(kernels.KERNELS)}")
+    if m.layout not in layouts.LAYOUTS:
+        raise ValueError(f"config.model.layout {m.layout!r} is unknown; known: {layouts.LAYOUTS}")
+    if m.linear.feature_map not in FEATURE_MAPS:
+        raise ValueError(f"config.model.linear.feature_map {m.linear.feature_map!r} is unknown;"
+                         f" known: {FEATURE_MAPS}")
+    if m.heads % m.kv_heads:
+        raise ValueError(f"config.model.heads ({m.heads}) must be a multiple of"
+                         f" config.model.kv_heads ({m.kv_heads})")
+    if m.head_dim % 2:
+        raise ValueError(f"config.model.head_dim ({m.head_dim}) must be even for RoPE")
+    if d.task not in TASKS:
+        raise ValueError(f"config.data.task {d.task!r} is unknown; known: {TASKS}")
+    for axis, size in exp.mesh:
+        if axis not in MESH_AXES:
+            raise ValueError(f"config.mesh names unknown axis {axis!r}; known: {MESH_AXES}")
+    check_rules("config.sharding.params", exp.param_rules)
+    check_rules("config.sharding.activations", exp.activation_rules)
+    if num_devices is None:
+        return
+    sizes = exp.mesh_sizes(num_devices)
+    batch_axes = math.prod(sizes.get(a, 1) for a in _axes_of(exp.activation_rules, "batch"))
+    for name, batch in (("config.train.batch_size", t.batch_size),
+                        ("config.eval.batch_size", exp.eval.batch_size)):
+        if batch % batch_axes:
+            raise ValueError(f"{name} ({batch}) must be a multiple of the batch mesh axes"
+                             f" ({batch_axes} devices: {_axes_of(exp.activation_rules, 'batch')})")
+    shards = sizes.get("sequence", 1)
+    for length in (d.seq_len,) + exp.eval.lengths + tuple(n for n, _ in d.curriculum):
+        try:
+            layouts.check_layout(length, m.layout, shards)
+        except ValueError as e:
+            raise ValueError(f"config.data.seq_len / curriculum / config.eval.lengths: {e}") from None
+    for axis in ("heads", "kv_heads"):
+        n = math.prod(sizes.get(a, 1) for a in _axes_of(exp.activation_rules, axis))
+        if getattr(m, axis) % n:
+            raise ValueError(f"config.model.{axis} ({getattr(m, axis)}) must be a multiple of"
+                             f" the mesh axes it is sharded over ({n} devices)")
+
+
+def _axes_of(rules, logical) -> tuple:
+    for name, axes in check_rules("rules", rules):
+        if name == logical:
+            return axes
+    return ()

@@ -1,0 +1,29 @@
+"""Config files by path, as `--config configs/NAME.py[:variant]` names them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+
+def module(path: str):
+    """Imports a config file (or a sibling a config builds on) by its path."""
+    path = os.path.abspath(path)
+    name = "lca_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:
+        raise ValueError(f"no config file at {path!r}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sibling(config_file: str, name: str):
+    """`sibling(__file__, "passkey")`: the config module next to this one."""
+    return module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name + ".py"))
+
+
+def load(spec: str):
+    """'configs/passkey.py:smoke' -> the ConfigDict its get_config('smoke') returns."""
+    path, _, arg = spec.partition(":")
+    return module(path).get_config(arg)

@@ -1,0 +1,43 @@
+"""The run's figure: training loss curve and accuracy by depth (or validation loss)."""
+
+from __future__ import annotations
+
+import os
+
+from lca.train import metrics as metrics_lib
+
+
+def plot_run(workdir: str, path: str | None = None) -> str:
+    """Writes `<workdir>/summary.png` from metrics.jsonl; returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = metrics_lib.read(workdir)
+    path = path or os.path.join(workdir, "summary.png")
+    train = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = sorted(train)
+    ax0.plot(steps, [train[s] for s in steps], label="train")
+    if evals and "eval/loss" in evals[-1]:
+        ax0.plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o-",
+                 label="validation")
+    ax0.set(xlabel="step", ylabel="loss (nats / token)", yscale="log", title="loss")
+    ax0.legend()
+    last = evals[-1] if evals else {}
+    depth = sorted((float(k.rsplit("/", 1)[1]), v) for k, v in last.items()
+                   if k.startswith("eval/accuracy_depth/"))
+    if depth:
+        width = depth[1][0] - depth[0][0] if len(depth) > 1 else 0.1
+        ax1.bar([d + width / 2 for d, _ in depth], [v for _, v in depth], width=width * 0.9)
+        ax1.set(xlabel="depth of the key in the context", ylabel="accuracy", ylim=(0, 1.02),
+                title=f"held-out accuracy by depth (step {last['step']},"
+                      f" mean {last.get('eval/accuracy', float('nan')):.1%})")
+    elif evals and "eval/bits_per_byte" in last:
+        ax1.plot([r["step"] for r in evals], [r["eval/bits_per_byte"] for r in evals], "o-")
+        ax1.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
