@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test install clean
 
+# The main job: passkey retrieval with ring attention (zigzag layout) on a (data=2,
+# sequence=4) mesh of 8 emulated CPU devices (configs/passkey.py sets them before JAX
+# starts). Benchmarks run on their own: python experiments/bench_attention.py, ...
 run: $(STAMP)
-	$(PY) experiments/bench_attention.py
+	$(PY) experiments/train.py --config configs/passkey.py --workdir out/passkey
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -3,14 +3,16 @@
     make run
     # = python experiments/train.py --config configs/passkey.py --workdir out/passkey
 
-A 2-layer model (embed 64, 4 heads, 2 KV heads) learns to find a 4-digit key
-hidden at a random depth in 512 tokens of filler, on a (data=2, sequence=4)
-mesh of 8 emulated CPU devices. Expect: train loss near 0, held-out
-`accuracy` (all 4 digits right) >= 0.9 at every depth, in under 10 minutes on
-a 2-core machine.
+A 2-layer model (embed 64, 2 heads of 32, 1 KV head, SwiGLU 256) learns to
+find a 4-digit key hidden at a random depth in 1024 tokens of repeated filler,
+on a (data=2, sequence=4) mesh of 8 emulated CPU devices. The haystack grows
+64 -> 128 -> 256 -> 512 -> 1024 tokens over the 600 steps (`data.curriculum`):
+a needle is found much sooner in a short haystack, and the skill carries over.
+Expect: held-out `accuracy` (all 4 digits right) >= 0.9 at 1024 tokens at
+every depth (measured: 0.99), in about 5 minutes on a 2-core machine.
 
-Variants: `configs/passkey.py:smoke` (seconds, for tests);
-`configs/passkey.py:blockwise` (same model, blockwise attention).
+Variants: `:smoke` (seconds, for tests); `:blockwise`, `:xla`, `:allgather`
+(same model, another kernel).
 """
 
 import ml_collections
@@ -30,19 +32,20 @@ def base_config():
     c.sharding.params = PARAM_RULES
     c.sharding.activations = ACTIVATION_RULES
     c.model = ml_collections.ConfigDict(dict(
-        vocab_size=128, embed=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=256,
+        vocab_size=128, embed=64, layers=2, heads=2, kv_heads=1, head_dim=32, mlp=256,
         attention="ring", layout="zigzag", window=0, block_q=128, block_k=128,
         tied_embeddings=False, rope_base=10000.0, norm_eps=1e-6, remat=False, dtype="float32",
         linear=ml_collections.ConfigDict(dict(
             feature_map="elu1", decay=True, normalize=False, chunk_size=64, hedgehog_dim=0))))
     c.data = ml_collections.ConfigDict(dict(
-        task="passkey", seq_len=512, vocab_size=128, key_len=4, num_pairs=16, num_queries=8,
-        validation_percent=5, max_bytes=0, curriculum=((64, 200), (128, 100), (256, 100))))
+        task="passkey", seq_len=1024, vocab_size=128, key_len=4, num_pairs=16, num_queries=8,
+        validation_percent=5, max_bytes=0,
+        curriculum=((64, 200), (128, 100), (256, 100), (512, 100))))
     c.train = ml_collections.ConfigDict(dict(
-        steps=550, batch_size=16, learning_rate=3e-3, warmup_steps=50,
+        steps=600, batch_size=16, learning_rate=3e-3, warmup_steps=50,
         end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
         log_every=20, eval_every=200, checkpoint_every=200, keep_checkpoints=2))
-    c.eval = ml_collections.ConfigDict(dict(batch_size=32, batches=4, lengths=(512,),
+    c.eval = ml_collections.ConfigDict(dict(batch_size=32, batches=4, lengths=(256, 512, 1024),
                                             depth_bins=10))
     return c
 

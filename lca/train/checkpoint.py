@@ -74,7 +74,9 @@ def restore_train(mngr, step: int, ts: state_lib.TrainState, exp: Experiment):
         model=ocp.args.StandardRestore(abstract[0]),
         optimizer=ocp.args.StandardRestore(abstract[1]),
         data=ocp.args.JsonRestore()))
-    state = nnx.State({0: restored["model"], 1: restored["optimizer"]})
+    # Same pytree structure as a fresh state, so the compiled train step is reused.
+    leaves = jax.tree.leaves((restored["model"], restored["optimizer"]))
+    state = jax.tree.unflatten(jax.tree.structure(abstract), leaves)
     return dataclasses.replace(ts, state=state), restored["data"]
 
 

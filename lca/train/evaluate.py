@@ -9,6 +9,7 @@ files.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -37,12 +38,19 @@ def train_batches(exp: Experiment) -> Batches:
                    curriculum=exp.data.curriculum)
 
 
+@functools.lru_cache(maxsize=8)
+def _model_graphdef(model_config):
+    from lca.train.config import DataConfig, EvalConfig, TrainConfig
+    return state_lib.model_graphdef(Experiment(model_config, DataConfig(), TrainConfig(),
+                                               EvalConfig()))
+
+
 class Evaluator:
     """Compiles one predict function per sequence length and reuses it."""
 
     def __init__(self, exp: Experiment, ctx, graphdef=None):
         self.exp, self.ctx = exp, ctx
-        self.graphdef = graphdef if graphdef is not None else state_lib.model_graphdef(exp)
+        self.graphdef = graphdef if graphdef is not None else _model_graphdef(exp.model)
         self.predict = state_lib.make_predict(self.graphdef, ctx)
 
     def _run(self, model_state, batch):

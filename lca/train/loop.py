@@ -65,7 +65,7 @@ def train(exp: Experiment, workdir: str, *, progress: bool = True, stop_at: int 
         data.set_state(data_state)
         start = latest
         log(f"resumed from {ckpt_lib.checkpoint_dir(workdir)} at step {start}")
-    step_fn = state_lib.make_train_step(ts)
+    step_fn = state_lib.make_train_step(ts, exp)
     evaluator = Evaluator(exp, ts.ctx)
     writer = MetricsWriter(workdir)
     end = t.steps if stop_at is None else min(stop_at, t.steps)

@@ -8,6 +8,7 @@ from the parameter rules, so every step keeps the layout it started with.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -81,8 +82,11 @@ def create(exp: Experiment, mesh: Mesh) -> TrainState:
     number generator and takes longer than the train step; the state is small.)
     """
     graphdef, _, shardings = abstract_state(exp, mesh)
+    if exp not in _INITS:
+        _INITS.clear()
+        _INITS[exp] = jax.jit(lambda: nnx.split(_init_fn(exp)())[1])
     with jax.default_device(jax.devices()[0]):
-        state = jax.jit(lambda: nnx.split(_init_fn(exp)())[1])()
+        state = _INITS[exp]()
     return TrainState(graphdef, jax.device_put(state, shardings), shardings, mesh,
                       context(exp, mesh))
 
@@ -121,8 +125,23 @@ def loss_and_metrics(model: Transformer, batch: dict, ctx):
                   "loss_tokens": weight}
 
 
-def make_train_step(ts: TrainState):
-    graphdef, ctx = ts.graphdef, ts.ctx
+def make_train_step(ts: TrainState, exp: Experiment | None = None):
+    """jit((state, batch) -> (state, metrics)); with `exp`, one function per (exp, mesh)
+    per process, so a resumed run in the same process reuses its compilation."""
+    if exp is None:
+        return _train_step(ts.graphdef, ts.ctx, ts.shardings)
+    key = (exp, ts.mesh)
+    if key not in _TRAIN_STEPS:
+        _TRAIN_STEPS.clear()  # keep one: they hold compiled executables
+        _TRAIN_STEPS[key] = _train_step(ts.graphdef, ts.ctx, ts.shardings)
+    return _TRAIN_STEPS[key]
+
+
+_TRAIN_STEPS: dict = {}
+_INITS: dict = {}
+
+
+def _train_step(graphdef, ctx, shardings):
 
     def step(state, batch):
         model, opt = nnx.merge(graphdef, state)
@@ -131,9 +150,10 @@ def make_train_step(ts: TrainState):
         metrics["grad_norm"] = optax.tree.norm(grads)
         return nnx.split((model, opt))[1], metrics
 
-    return jax.jit(step, out_shardings=(ts.shardings, None), donate_argnums=0)
+    return jax.jit(step, out_shardings=(shardings, None), donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=8)
 def make_predict(graphdef, ctx):
     """jit((model state, batch) -> argmax predictions and mean loss), all in layout order."""
 
