@@ -74,9 +74,16 @@ def tail_sums(g, axis):
     return lax.slice_in_dim(jnp.pad(inclusive, widths), 1, None, axis=axis)
 
 
-def _decay_mask(g_h, causal):
-    """exp(segsum) on and below the diagonal, 0 above: [..., C] -> [..., C, C]."""
-    return jnp.where(causal, jnp.exp(segsum(g_h)), 0)
+def decay_table(g):
+    """[..., C] log decays -> [..., C + 1, C + 1] decays, zero above the diagonal.
+
+    exp(segsum) of [0, g_0, ..., g_{C-1}]: entry (t + 1, s + 1) is the decay
+    exp(sum_{s < r <= t} g_r) from token s to token t, column 0 the decay from
+    before the first token to t, and row C the decay from s to after the last.
+    """
+    padded = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(1, 0)])
+    size = padded.shape[-1]
+    return jnp.where(jnp.tril(jnp.ones((size, size), bool)), jnp.exp(segsum(padded)), 0)
 
 
 def block(q, k, v, g, state):
@@ -92,25 +99,22 @@ def block(q, k, v, g, state):
       state's dtype.
     """
     acc = state.dtype
-    n, c = q.shape[1], q.shape[2]
-    causal_c = jnp.tril(jnp.ones((c, c), bool))
-    causal_n = jnp.tril(jnp.ones((n, n), bool))
+    c = q.shape[2]
     scores = jnp.einsum("bnthk,bnshk->bnhts", q, k, preferred_element_type=acc)
     if g is None:
-        weights = jnp.where(causal_c, scores, 0)
+        weights = jnp.where(jnp.tril(jnp.ones((c, c), bool)), scores, 0)
         q_in, k_out = q, k
         chunk_states = jnp.einsum("bnshk,bnshv->bnhkv", k, v, preferred_element_type=acc)
         after = jnp.cumsum(chunk_states, axis=1) + state[:, None]
     else:
-        weights = scores * _decay_mask(jnp.moveaxis(g, -1, 2), causal_c)  # [B, N, H, C, C]
-        g_in = jnp.cumsum(g, axis=2)  # decay from the chunk's start through t
-        q_in = q * jnp.exp(g_in)[..., None]
-        k_out = k * jnp.exp(tail_sums(g, axis=2))[..., None]  # decay from s to the chunk's end
+        table = decay_table(jnp.moveaxis(g, -1, 2))  # [B, N, H, C + 1, C + 1]
+        weights = scores * table[..., 1:, 1:]
+        q_in = q * jnp.moveaxis(table[..., 1:, 0], 2, -1)[..., None]  # from the chunk's start
+        k_out = k * jnp.moveaxis(table[..., -1, 1:], 2, -1)[..., None]  # to the chunk's end
         chunk_states = jnp.einsum("bnshk,bnshv->bnhkv", k_out, v, preferred_element_type=acc)
-        g_chunk = g.sum(axis=2)  # [B, N, H]
-        mix = _decay_mask(jnp.moveaxis(g_chunk, 1, -1), causal_n)  # [B, H, N, N]
-        carried = jnp.exp(jnp.cumsum(g_chunk, axis=1))[..., None, None] * state[:, None]
-        after = jnp.einsum("bhji,bihkv->bjhkv", mix, chunk_states,
+        chunks = decay_table(jnp.moveaxis(g.sum(axis=2), 1, -1))  # [B, H, N + 1, N + 1]
+        carried = jnp.moveaxis(chunks[..., 1:, 0], -1, 1)[..., None, None] * state[:, None]
+        after = jnp.einsum("bhji,bihkv->bjhkv", chunks[..., 1:, 1:], chunk_states,
                            preferred_element_type=acc) + carried
     incoming = jnp.concatenate([state[:, None], after[:, :-1]], axis=1)  # [B, N, H, K, V]
     out = (jnp.einsum("bnhts,bnshv->bnthv", weights, v, preferred_element_type=acc)

@@ -32,8 +32,9 @@ never positive. Per shard and per call the collectives move a fixed number
 of [B, H, K·V + 1] buffers, independent of the sequence length:
 
   "allgather"  one all_gather of the m pairs (LASP-2)
-  "ring"       n - 1 ppermute hops around the ring, each forwarding the raw
-               pairs it received (LASP passes the state along the ring)
+  "ring"       n - 1 ppermute hops around the ring, each forwarding the
+               pairs it received (as LASP passes states along a ring), then
+               the same local fold as allgather
   "doubling"   log2(n) ppermute rounds with partner r XOR 2^d (recursive
                doubling; n a power of two)
 
@@ -75,85 +76,81 @@ def _identity_like(pair):
     return tuple(jnp.zeros_like(x) for x in pair)
 
 
-def _select(pred, a, b):
-    return tuple(jnp.where(pred, x, y) for x, y in zip(a, b))
+def _positions(shard, n, m):
+    """Global positions of a shard's m segments: r, and 2n-1-r for zigzag's second."""
+    return jnp.stack([shard, 2 * n - 1 - shard])[:m]
 
 
-def _scan_allgather(pairs, axis_name, n, r):
-    """One all_gather; each shard folds the pairs before its segments locally."""
-    m = pairs[0].shape[0]
-    kv_shape = pairs[1].shape[-2:]
-    gamma, state = _unpack(lax.all_gather(_pack(pairs), axis_name), kv_shape)  # [n, m, ...]
-    # Global order of the gathered segments: A_0..A_{n-1} (then B_{n-1}..B_0).
-    gamma = jnp.concatenate([gamma[:, 0]] + ([gamma[::-1, 1]] if m == 2 else []))
-    state = jnp.concatenate([state[:, 0]] + ([state[::-1, 1]] if m == 2 else []))
-    total = gamma.shape[0]
-    mine = jnp.stack([r, 2 * n - 1 - r])[:m]  # global positions of this shard's segments
-    j = jnp.arange(total)
-    # Exponent for segment j entering position p: sum of Γ_i over j < i < p (<= 0).
-    between = (j[None, :, None] < j[None, None, :]) & (j[None, None, :] < mine[:, None, None])
+def _fold(gamma, state, position, mine):
+    """Exclusive prefixes, in global order, at the positions `mine` [m].
+
+    gamma [E, B, H] and state [E, B, H, K, V] are E segment summaries in any
+    order, at global positions `position` [E]. Segment j enters position p with
+    weight exp(sum of Γ_i over p_j < p_i < p), a masked sum of log decays.
+    """
+    before = position[None, :] < mine[:, None]  # [m, E]
+    between = ((position[:, None] < position[None, :])[None]
+               & (position[None, None, :] < mine[:, None, None]))  # [m, j, i]
     exponent = jnp.einsum("pji,ibh->pjbh", between.astype(gamma.dtype), gamma)
-    weight = jnp.where((j[None, :] < mine[:, None])[..., None, None], jnp.exp(exponent), 0)
+    weight = jnp.where(before[..., None, None], jnp.exp(exponent), 0)
     return jnp.einsum("pjbh,jbhkv->pbhkv", weight, state)
 
 
-def _scan_ring(pairs, axis_name, n, r):
-    """n - 1 hops; hop h brings the raw pairs of shard (r - h) mod n.
+def _scan_allgather(pairs, axis_name, n, r):
+    """One all_gather of every shard's summaries; each shard folds what precedes it."""
+    m = pairs[0].shape[0]
+    gamma, state = _unpack(lax.all_gather(_pack(pairs), axis_name), pairs[1].shape[-2:])
+    position = _positions(jnp.arange(n), n, m).T.reshape(-1)  # [n * m], shard-major
+    flat = lambda x: x.reshape((n * m,) + x.shape[2:])
+    return _fold(flat(gamma), flat(state), position, _positions(r, n, m))
 
-    Sources below r arrive in decreasing order, so A_src is put in front of the
-    running prefix. Sources above r arrive from n - 1 down, so the middle run
-    X = A_{r+1} ∘ ... ∘ A_{n-1} ∘ B_{n-1} ∘ ... ∘ B_{r+1} grows from inside out.
+
+def _scan_ring(pairs, axis_name, n, r):
+    """n - 1 ppermute hops around the ring, each forwarding the summaries it received.
+
+    Hop h brings shard (r - h) mod n's summaries; the shard then folds all n as
+    `_scan_allgather` does. The hops carry no compute between them.
     """
     m = pairs[0].shape[0]
-    kv_shape = pairs[1].shape[-2:]
-    own_a = (pairs[0][0], pairs[1][0])
-    prefix = middle = _identity_like(own_a)
-    buf = _pack(pairs)
+    bufs = [_pack(pairs)]
     perm = [(i, (i + 1) % n) for i in range(n)]
-    for hop in range(1, n):
-        buf = lax.ppermute(buf, axis_name, perm)
-        gamma, state = _unpack(buf, kv_shape)
-        a = (gamma[0], state[0])
-        below = (r - hop) % n < r
-        prefix = _select(below, compose(a, prefix), prefix)
-        if m == 2:
-            grown = compose(a, compose(middle, (gamma[1], state[1])))
-            middle = _select(below, middle, grown)
-    incoming = [prefix[1]]
-    if m == 2:
-        incoming.append(compose(compose(prefix, own_a), middle)[1])
-    return jnp.stack(incoming)
+    for _ in range(1, n):
+        bufs.append(lax.ppermute(bufs[-1], axis_name, perm))
+    gamma, state = _unpack(jnp.stack(bufs), pairs[1].shape[-2:])  # [n, m, ...] by hop
+    source = (r - jnp.arange(n)) % n
+    position = _positions(source, n, m).T.reshape(-1)
+    flat = lambda x: x.reshape((n * m,) + x.shape[2:])
+    return _fold(flat(gamma), flat(state), position, _positions(r, n, m))
 
 
 def _scan_doubling(pairs, axis_name, n, r):
     """log2(n) rounds of recursive doubling: exchange block totals with r XOR 2^d.
 
-    After round d a shard knows, for its aligned block of 2^(d+1) shards, the
-    A total in increasing order and the B total in decreasing order, and its
-    exclusive A prefix and exclusive B suffix inside the block.
+    After the round with offset d a shard knows, for its aligned block of 2d
+    shards, each segment's total in that segment's global order (A: shards
+    ascending; B: descending) and its exclusive prefix in that order inside
+    the block. The partner's block precedes ours for A when the partner is
+    below, and for B when it is above.
     """
     m = pairs[0].shape[0]
-    kv_shape = pairs[1].shape[-2:]
-    total = pairs  # [m, ...]: A (and B) totals of this shard's block
-    prefix_a = suffix_b = _identity_like((pairs[0][0], pairs[1][0]))
+    total = pairs  # [m, ...]
+    prefix = _identity_like(pairs)
     d = 1
     while d < n:
-        gamma, state = _unpack(lax.ppermute(_pack(total), axis_name,
-                                            [(i, i ^ d) for i in range(n)]), kv_shape)
-        partner_below = (r & d) != 0
-        own_a, got_a = (total[0][0], total[1][0]), (gamma[0], state[0])
-        prefix_a = _select(partner_below, compose(got_a, prefix_a), prefix_a)
-        new_a = _select(partner_below, compose(got_a, own_a), compose(own_a, got_a))
-        new = [new_a]
-        if m == 2:
-            own_b, got_b = (total[0][1], total[1][1]), (gamma[1], state[1])
-            suffix_b = _select(partner_below, suffix_b, compose(got_b, suffix_b))
-            new.append(_select(partner_below, compose(own_b, got_b), compose(got_b, own_b)))
-        total = tuple(jnp.stack(parts) for parts in zip(*new))
+        got = _unpack(lax.ppermute(_pack(total), axis_name, [(i, i ^ d) for i in range(n)]),
+                      pairs[1].shape[-2:])
+        below = (r & d) != 0
+        precedes = jnp.stack([below, ~below])[:m]  # [m]
+        keep = precedes.astype(pairs[0].dtype)
+        shape = lambda x, p: p.reshape(p.shape + (1,) * (x.ndim - 1))
+        prefix = compose(tuple(x * shape(x, keep) for x in got), prefix)
+        first = tuple(jnp.where(shape(x, precedes), x, y) for x, y in zip(got, total))
+        second = tuple(jnp.where(shape(x, precedes), y, x) for x, y in zip(got, total))
+        total = compose(first, second)
         d *= 2
-    incoming = [prefix_a[1]]
-    if m == 2:
-        incoming.append(compose((total[0][0], total[1][0]), suffix_b)[1])
+    incoming = [prefix[1][0]]
+    if m == 2:  # B_r follows every A and the Bs above it
+        incoming.append(compose((total[0][0], total[1][0]), (prefix[0][1], prefix[1][1]))[1])
     return jnp.stack(incoming)
 
 

@@ -1,0 +1,164 @@
+"""Sequence-parallel linear attention: equal to one device, with constant traffic per layer."""
+
+import functools
+import re
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from linear_cases import make_inputs, reference
+from attention_cases import TOLERANCE, relative_error
+
+import lca
+from lca.parallel import make_mesh
+from lca.parallel.linear import attention_in_layout_linear
+
+ALGORITHMS = ("ring", "allgather", "doubling")
+SEQ_LEN = 64  # zigzag on 8 shards: 16 chunks of 4 tokens
+
+
+def sub_mesh(n):
+    return make_mesh({"sequence": n}, devices=jax.devices()[:n])
+
+
+def _grads(fn, x):
+    """fn's output and the gradients of <output, ct_out> for q, k, v (and log_decay)."""
+    names = [n for n in ("q", "k", "v", "log_decay") if x[n] is not None]
+
+    def loss(*args):
+        out = fn(**dict(zip(names, args)))
+        return (out.astype(x["ct_out"].dtype) * x["ct_out"]).sum(), out
+
+    run = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True))
+    (_, out), grads = run(*(x[n] for n in names))
+    return out, dict(zip(names, grads))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(decay, normalize, batch=2, heads=2):
+    x = make_inputs(7, batch=batch, length=SEQ_LEN, heads=heads, decay=decay,
+                    normalize=normalize)
+    f64 = {n: None if a is None else a.astype(jnp.float64) for n, a in x.items()}
+
+    def fn(q, k, v, log_decay=None):
+        return reference(q, k, v, log_decay, normalize=normalize)[0]
+
+    return x, _grads(fn, f64)
+
+
+def _check(mesh, decay, normalize, *, batch=2, heads=2, **kwargs):
+    x, (ref_out, ref_grads) = _reference(decay, normalize, batch, heads)
+
+    def fn(q, k, v, log_decay=None):
+        return lca.sequence_parallel_attention(q, k, v, mesh=mesh, impl="linear",
+                                               log_decay=log_decay, normalize=normalize,
+                                               chunk_size=4, **kwargs)
+
+    out, grads = _grads(fn, x)
+    assert out.shape == x["v"].shape and out.dtype == jnp.float32
+    tol = TOLERANCE[jnp.float32]
+    for name, got, ref in [("out", out, ref_out)] + [
+            (f"d{n}", grads[n], ref_grads[n]) for n in ref_grads]:
+        err = relative_error(got, ref)
+        assert err <= tol, f"{kwargs} {decay} normalize={normalize} {name}: {err:.3g} > {tol}"
+
+
+# A covering design: every (shards, algorithm, layout) once; decays and
+# normalization rotate so each algorithm and layout meets each of them, and
+# 4 and 8 shards always carry a per-token decay.
+DECAY = {1: "none", 2: "head", 4: "token", 8: "token"}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_sequence_parallel_equals_single_device_outputs_and_gradients(n, algorithm, layout):
+    normalize = (n.bit_length() + ALGORITHMS.index(algorithm) + (layout == "zigzag")) % 2 == 1
+    _check(sub_mesh(n), DECAY[n], normalize, algorithm=algorithm, layout=layout)
+
+
+def test_batch_over_data_and_heads_over_tensor(mesh2x2x2):
+    _check(mesh2x2x2, "token", True, algorithm="doubling", layout="zigzag")
+
+
+def test_per_head_decay_on_a_data_by_sequence_mesh(mesh2x4):
+    _check(mesh2x4, "head", False, algorithm="ring", layout="contiguous")
+
+
+def test_sequence_parallel_rejects_the_striped_layout(mesh8):
+    q = jnp.zeros((1, 64, 2, 4))
+    with pytest.raises(ValueError, match="layout='striped' is not supported by linear attention"):
+        lca.sequence_parallel_attention(q, q, q, mesh=mesh8, impl="linear", layout="striped")
+
+
+def _collectives(mesh, seq_len, algorithm, layout):
+    """[(op, result shape)] of every collective in compiled forward+backward HLO."""
+    seq = NamedSharding(mesh, P(None, "sequence"))
+    x = jax.ShapeDtypeStruct((2, seq_len, 4, 16), jnp.float32, sharding=seq)
+    g = jax.ShapeDtypeStruct((2, seq_len, 4), jnp.float32, sharding=seq)
+
+    def loss(q, k, v, g):
+        out = attention_in_layout_linear(q, k, v, mesh=mesh, algorithm=algorithm,
+                                         layout=layout, log_decay=g, normalize=True)
+        return out.sum()
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, x, x, g).compile().as_text()
+    ops = "all-gather|collective-permute|all-reduce|reduce-scatter|all-to-all"
+    found = re.findall(rf"= (\w+\[[\d,]*\])\S* ({ops})(?:-start)?\(", hlo)
+    return [(op, shape) for shape, op in found]
+
+
+def _bytes(shape):
+    dtype, dims = re.fullmatch(r"(\w+)\[([\d,]*)\]", shape).groups()
+    itemsize = {"f32": 4, "f64": 8, "bf16": 2, "s32": 4}[dtype]
+    return int(np.prod([int(d) for d in dims.split(",") if d])) * itemsize
+
+
+@pytest.mark.parametrize("algorithm, layout, expected", [
+    ("ring", "contiguous", {"collective-permute": 2 * 7}),  # n - 1 hops each way
+    ("doubling", "zigzag", {"collective-permute": 2 * 3}),  # log2(n) rounds each way
+    ("allgather", "zigzag", {"all-gather": 1, "reduce-scatter": 1}),
+])
+def test_collective_bytes_per_layer_do_not_grow_with_length(mesh8, algorithm, layout, expected):
+    short, long = (_collectives(mesh8, t, algorithm, layout) for t in (256, 4096))
+    assert short == long, f"collectives change with length: {short} vs {long}"
+    counts = {op: sum(1 for o, _ in short if o == op) for op, _ in expected.items()}
+    assert counts == expected and len(short) == sum(expected.values()), short
+    # One buffer holds every segment's (total decay, state): [m, B, H, K (V + 1) + 1] floats.
+    segments = 2 if layout == "zigzag" else 1
+    per_state = segments * 2 * 4 * (16 * 17 + 1) * 4
+    sizes = {_bytes(shape) for _, shape in short}
+    assert sizes <= {per_state, 8 * per_state}, (sizes, per_state)
+
+
+def _depends_on_local_scan(jaxpr):
+    """Which collectives' inputs depend on a scan (the local chunked kernel)."""
+    tainted, found = set(), []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "shard_map":
+            return _depends_on_local_scan(eqn.params["jaxpr"])
+        hit = any(not isinstance(v, jax.extend.core.Literal) and v in tainted for v in eqn.invars)
+        if eqn.primitive.name in ("ppermute", "all_gather"):
+            found.append(hit)
+        if hit or eqn.primitive.name == "scan":
+            tainted.update(eqn.outvars)
+    return found
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_collectives_do_not_wait_for_the_local_output(mesh8, algorithm):
+    """Each collective reads only the local state, so XLA may overlap it with the local scan."""
+    x = jax.ShapeDtypeStruct((1, 8 * 1024, 2, 8), jnp.float32)  # a multi-step local scan
+    g = jax.ShapeDtypeStruct((1, 8 * 1024, 2), jnp.float32)
+    fn = functools.partial(attention_in_layout_linear, mesh=mesh8, algorithm=algorithm,
+                           layout="zigzag", chunk_size=8)
+    jaxpr = jax.make_jaxpr(lambda q, k, v, g: fn(q, k, v, log_decay=g))(x, x, x, g).jaxpr
+    found = _depends_on_local_scan(jaxpr)
+    assert found and not any(found), found
+    assert any(e.primitive.name == "scan" for e in
+               next(e for e in jaxpr.eqns if e.primitive.name == "shard_map")
+               .params["jaxpr"].eqns)
