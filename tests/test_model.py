@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lca.data import Passkey, batch_rng, from_layout, to_layout
+from lca.data import Passkey, StdlibText, batch_rng, from_layout, to_layout
 from lca.models import LinearOptions, ModelConfig, Transformer, cross_entropy
 from lca.parallel.sharding import ShardingContext
 
@@ -29,6 +29,14 @@ def _batch(seq_len=64, batch=2, seed=0):
     return Passkey(seq_len, key_len=3, vocab_size=48).batch(batch_rng(seed, 0), batch)
 
 
+def _text_batch(seq_len=64, batch=2):
+    """Packed stdlib bytes: several documents per row, segment ids, restarting positions."""
+    b = StdlibText(seq_len, max_bytes=50_000).batch(batch_rng(0, 0), batch,
+                                                    indices=np.array([3, 40]))
+    b["tokens"], b["targets"] = b["tokens"] % 48, b["targets"] % 48  # TINY's vocabulary
+    return b
+
+
 def _run(config, batch, mesh=None):
     """(natural-order logits, loss, grads) for `config` on `mesh` (None: one device)."""
     model = Transformer(config, rngs=nnx.Rngs(0))
@@ -41,7 +49,8 @@ def _run(config, batch, mesh=None):
     @jax.jit
     def f(state):
         def loss_fn(state):
-            logits = nnx.merge(graphdef, state)(arrays["tokens"], arrays["positions"], ctx=ctx)
+            logits = nnx.merge(graphdef, state)(arrays["tokens"], arrays["positions"],
+                                                arrays.get("segment_ids"), ctx=ctx)
             total, weight, _ = cross_entropy(logits, arrays["targets"], arrays["weights"])
             return total / weight, logits
         return jax.value_and_grad(loss_fn, has_aux=True)(state)
@@ -88,6 +97,13 @@ def test_ring_matches_xla_for_every_layout_and_mesh(layout, mesh_name, reference
     mesh = request.getfixturevalue(mesh_name)
     config = TINY.replace(attention=("ring",), layout=layout)
     _check(_run(config, _batch(), mesh), reference, f"ring/{layout}/{mesh_name}")
+
+
+def test_packed_documents_give_the_same_model_with_ring_as_with_xla(mesh2x4):
+    batch = _text_batch()
+    assert len(np.unique(batch["segment_ids"][0])) > 1
+    _check(_run(TINY.replace(attention=("ring",), layout="zigzag"), batch, mesh2x4),
+           _run(TINY, batch), "ring/zigzag/2x4 with segment ids")
 
 
 def test_remat_and_tensor_parallel_mesh_change_nothing(reference, mesh2x2x2):

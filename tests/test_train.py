@@ -9,7 +9,7 @@ from flax import nnx
 
 from lca.data import Passkey, batch_rng
 from lca.parallel import make_mesh
-from lca.train import load, train
+from lca.train import evaluate_checkpoint, load, train
 from lca.train import state as state_lib
 from lca.train.checkpoint import checkpoint_dir
 from train_runs import experiment, smoke_run
@@ -62,6 +62,13 @@ def test_checkpoint_from_2x4_mesh_restores_onto_one_device_and_onto_8(mesh2x4, m
     eight = _logits(on_8, exp, mesh8)
     np.testing.assert_allclose(one, reference, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(eight, reference, rtol=2e-5, atol=2e-5)
+
+
+def test_evaluate_a_checkpoint_on_another_mesh():
+    workdir, result = smoke_run()
+    step, metrics = evaluate_checkpoint(workdir, mesh_axes={"sequence": 8})
+    assert step == 8
+    assert metrics == pytest.approx(result.evals)
 
 
 def test_workdir_with_another_model_shape_is_refused_before_overwriting():
