@@ -119,16 +119,16 @@ def test_shard_pairs_are_classified_skip_masked_full():
     shards = layouts.shard_positions(32, "contiguous", 4)
     for r in range(4):
         for j in range(4):
-            kind = int(shard_pair_kind(spec, shards[r][None], None, shards[j][None], None))
+            kind = int(shard_pair_kind(spec, shards[r][None], shards[j][None]))
             want = masks_lib.FULL if j < r else masks_lib.MASKED if j == r else masks_lib.SKIP
             assert kind == want, (r, j, kind)
     # Zigzag: no pair is skipped whole (the blockwise tiles skip half of each).
     zig = layouts.shard_positions(32, "zigzag", 4)
-    kinds = {int(shard_pair_kind(spec, zig[r][None], None, zig[j][None], None))
+    kinds = {int(shard_pair_kind(spec, zig[r][None], zig[j][None]))
              for r in range(4) for j in range(4)}
     assert kinds == {masks_lib.MASKED}
     # Segments that cannot meet skip the pair even without causality.
     seg_spec = masks_lib.MaskSpec(segments=True)
     pos = jnp.arange(8)[None]
-    assert int(shard_pair_kind(seg_spec, pos, jnp.zeros((1, 8), int), pos,
+    assert int(shard_pair_kind(seg_spec, pos, pos, jnp.zeros((1, 8), int),
                                jnp.ones((1, 8), int))) == masks_lib.SKIP

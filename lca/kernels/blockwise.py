@@ -205,37 +205,46 @@ def backward(cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
     delta_rows = _row_blocks(delta.astype(F32), cfg.block_q, kh)
     do_blocks = _q_blocks(do, cfg.block_q, kh)
 
-    def one_k_block(dq, j):
+    b, _, h, d = q.shape
+    g, bq = h // kh, cfg.block_q
+    # Tiles are computed transposed, keys by queries ([B, K, bk, G * bq]): dK and
+    # dV then contract the tile's minor axis with no [bk, bq] transpose, and dQ
+    # is accumulated transposed ([B, K, D, G * bq]) for the same reason.
+    rows = lambda x: x.reshape(x.shape[:2] + (g * bq,) + x.shape[4:])  # [B,K,G,bq,...] -> [B,K,G*bq,...]
+
+    def one_k_block(dq_t, j):
         k_j, v_j = tiles.k[j], tiles.v[j]
 
-        def grads(i, masked):
-            q_i, do_i = tiles.q[i], do_blocks[i]
-            s = tiles.logits(q_i, k_j)
+        def grads(carry, i, masked):
+            dq_t, dk, dv = carry
+            q_i, do_i = rows(tiles.q[i]), rows(do_blocks[i])
+            s_t = jnp.einsum("bksd,bkqd->bksq", k_j, q_i, preferred_element_type=F32) * cfg.scale
             if masked:
-                s = jnp.where(tiles.mask(i, j), s, -jnp.inf)
-            p = jnp.exp(s - lse_rows[i][..., None])
-            dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do.dtype), do_i,
-                            preferred_element_type=F32)
-            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v_j, preferred_element_type=F32)
-            ds = (p * (dp - delta_rows[i][..., None])).astype(q.dtype)
-            dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, k_j, preferred_element_type=F32)
-            dk = jnp.einsum("bkgqs,bkgqd->bksd", ds, q_i, preferred_element_type=F32)
-            return dq * cfg.scale, dk * cfg.scale, dv
+                mask = jnp.swapaxes(tiles.mask(i, j)[:, :, 0], -1, -2)[:, :, :, None, :]
+                mask = jnp.broadcast_to(mask, mask.shape[:3] + (g, bq)).reshape(
+                    mask.shape[:3] + (g * bq,))
+                s_t = jnp.where(mask, s_t, -jnp.inf)
+            p_t = jnp.exp(s_t - rows(lse_rows[i])[:, :, None, :])
+            dv = dv + jnp.einsum("bksq,bkqd->bksd", p_t.astype(do.dtype), do_i,
+                                 preferred_element_type=F32)
+            dp_t = jnp.einsum("bksd,bkqd->bksq", v_j, do_i, preferred_element_type=F32)
+            ds_t = (p_t * (dp_t - rows(delta_rows[i])[:, :, None, :])).astype(q.dtype)
+            dk = dk + jnp.einsum("bksq,bkqd->bksd", ds_t, q_i, preferred_element_type=F32)
+            dq_i = jnp.einsum("bksd,bksq->bkdq", k_j, ds_t, preferred_element_type=F32)
+            return dq_t.at[i].add(dq_i), dk, dv
 
         def step(carry, i):
-            dq, dk, dv = carry
-            zeros = lambda: vma.like((jnp.zeros(dq.shape[1:], F32), jnp.zeros_like(dk),
-                                      jnp.zeros_like(dv)), *inputs)
-            branches = (zeros, lambda: grads(i, masked=True), lambda: grads(i, masked=False))
-            dq_t, dk_t, dv_t = lax.switch(tiles.kinds[i, j], branches)
-            return (dq.at[i].add(dq_t), dk + dk_t, dv + dv_t), None
+            branches = (lambda c: c, lambda c: grads(c, i, masked=True),
+                        lambda c: grads(c, i, masked=False))
+            return lax.switch(tiles.kinds[i, j], branches, carry), None
 
         kv_zeros = vma.like(jnp.zeros(k_j.shape, F32), *inputs)
-        (dq, dk, dv), _ = lax.scan(step, (dq, kv_zeros, kv_zeros), jnp.arange(tiles.nq))
-        return dq, (dk, dv)
+        (dq_t, dk, dv), _ = lax.scan(step, (dq_t, kv_zeros, kv_zeros), jnp.arange(tiles.nq))
+        return dq_t, (dk * cfg.scale, dv)
 
-    dq0 = vma.like(jnp.zeros(tiles.q.shape, F32), *inputs)
-    dq, (dk, dv) = lax.scan(one_k_block, dq0, jnp.arange(tiles.nk))
+    dq0 = vma.like(jnp.zeros((tiles.nq, b, kh, d, g * bq), F32), *inputs)
+    dq_t, (dk, dv) = lax.scan(one_k_block, dq0, jnp.arange(tiles.nk))
+    dq = dq_t.reshape(tiles.nq, b, kh, d, g, bq).transpose(0, 1, 2, 4, 5, 3) * cfg.scale
     return (_from_q_blocks(dq, tiles.q_len),
             _from_kv_blocks(dk, tiles.kv_len),
             _from_kv_blocks(dv, tiles.kv_len))

@@ -30,7 +30,6 @@ in a buffer that travels with its K/V shard and goes home at the end.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -61,7 +60,7 @@ def _shard_stats(pos_BL, seg_BL):
     return masks_lib.block_stats(pos_BL, seg_BL, length, length)
 
 
-def shard_pair_kind(spec: MaskSpec, q_pos, q_seg, kv_pos, kv_seg):
+def shard_pair_kind(spec: MaskSpec, q_pos, kv_pos, q_seg=None, kv_seg=None):
     """SKIP, MASKED or FULL (masks.py's int32 codes) for a whole (query, key) shard pair.
 
     Positions and segment ids are [B, T] / [B, S]; a shard is one block of
@@ -71,29 +70,17 @@ def shard_pair_kind(spec: MaskSpec, q_pos, q_seg, kv_pos, kv_seg):
                                      _shard_stats(kv_pos, kv_seg))[0, 0]
 
 
-class _Step:
-    """One ring step: skipped whole when the shard pair is fully masked.
+def _unless_masked(cfg, arrays, skip, compute):
+    """`compute()` unless the shard pair is fully masked, then `skip()` (no FLOPs).
 
-    Otherwise the blockwise kernel runs, and classifies its own tiles: in a
-    fully visible pair every tile is FULL and takes the unmasked path, so a
-    second, unmasked copy of the step is not compiled.
+    The blockwise kernel classifies its own tiles the same way, so in a fully
+    visible pair every tile is FULL and takes the unmasked path; a second,
+    unmasked copy of the step need not be compiled.
     """
-
-    def __init__(self, cfg: blockwise.BlockwiseConfig, arrays: MaskArrays):
-        self.cfg = cfg
-        self.arrays = arrays
-        self.never_masked = cfg.spec == MaskSpec()
-        if not self.never_masked:
-            self.q_stats = _shard_stats(arrays.q_pos, arrays.q_seg)
-
-    def run(self, kv_pos, kv_seg, skip, compute):
-        """`compute(arrays)` unless the pair is fully masked, then `skip()` (no FLOPs)."""
-        arrays = self.arrays._replace(kv_pos=kv_pos, kv_seg=kv_seg)
-        if self.never_masked:
-            return compute(arrays)
-        kind = masks_lib.classify_blocks(
-            self.cfg.spec, self.q_stats, _shard_stats(kv_pos, kv_seg))[0, 0]
-        return lax.cond(kind == masks_lib.SKIP, skip, lambda: compute(arrays))
+    if cfg.spec == MaskSpec():
+        return compute()
+    kind = shard_pair_kind(cfg.spec, *arrays)
+    return lax.cond(kind == masks_lib.SKIP, skip, compute)
 
 
 def _merge(out, lse, out_t, lse_t):
@@ -104,20 +91,47 @@ def _merge(out, lse, out_t, lse_t):
     return w[..., None] * out + w_t[..., None] * out_t, lse_new
 
 
+def step_forward(cfg, q, kv, arrays: MaskArrays, out, lse):
+    """One forward ring step: the local queries attend to the visiting K/V shard.
+
+    Args:
+      cfg: `blockwise.BlockwiseConfig`.
+      q: [B, T, H, D]; kv: [2, B, S, K, D] (K and V stacked).
+      arrays: MaskArrays of the local queries and the visiting keys.
+      out, lse: float32 [B, T, H, D] / [B, T, H], the result so far.
+
+    Returns:
+      (out, lse) merged with this step's; unchanged, at no cost, when the
+      shard pair is fully masked.
+    """
+    def attend():
+        out_t, lse_t = blockwise.forward(cfg, q, kv[0], kv[1], arrays)
+        return _merge(out, lse, out_t, lse_t)
+
+    return _unless_masked(cfg, arrays, lambda: (out, lse), attend)
+
+
+def step_backward(cfg, q, kv, arrays: MaskArrays, lse, do, delta, dq, dkv):
+    """One backward ring step: gradient parts from the visiting K/V shard.
+
+    lse and delta ([B, T, H] float32) are the rows' global log-sum-exp and
+    rowsum(do * out) - dlse, so the parts are exact. Returns (dq, dkv) with
+    this step's float32 parts added to dq [B, T, H, D] and dkv [2, B, S, K, D].
+    """
+    def grads():
+        dq_t, dk_t, dv_t = blockwise.backward(cfg, q, kv[0], kv[1], arrays, lse, do, delta)
+        return dq + dq_t, dkv + jnp.stack([dk_t, dv_t])
+
+    return _unless_masked(cfg, arrays, lambda: (dq, dkv), grads)
+
+
 def _ring_forward(cfg, axis_name, steps, q, k, v, arrays):
     n = lax.axis_size(axis_name)
-    step = _Step(cfg, arrays)
     b, t, h, d = q.shape
 
     def compute(acc, travel):
         kv, kv_pos, kv_seg = travel
-        out, lse = acc
-
-        def attend(arr):
-            out_t, lse_t = blockwise.forward(cfg, q, kv[0], kv[1], arr)
-            return _merge(out, lse, out_t, lse_t)
-
-        return step.run(kv_pos, kv_seg, lambda: acc, attend)
+        return step_forward(cfg, q, kv, arrays._replace(kv_pos=kv_pos, kv_seg=kv_seg), *acc)
 
     def ring_step(carry, _):
         acc, travel = carry
@@ -133,17 +147,12 @@ def _ring_forward(cfg, axis_name, steps, q, k, v, arrays):
 
 def _ring_backward(cfg, axis_name, steps, q, k, v, arrays, out, lse, do, dlse):
     n = lax.axis_size(axis_name)
-    step = _Step(cfg, arrays)
     delta = (do.astype(F32) * out.astype(F32)).sum(-1) - dlse
 
     def compute(dq, travel, dkv):
         kv, kv_pos, kv_seg = travel
-
-        def grads(arr):
-            dq_t, dk_t, dv_t = blockwise.backward(cfg, q, kv[0], kv[1], arr, lse, do, delta)
-            return dq + dq_t, dkv + jnp.stack([dk_t, dv_t])
-
-        return step.run(kv_pos, kv_seg, lambda: (dq, dkv), grads)
+        return step_backward(cfg, q, kv, arrays._replace(kv_pos=kv_pos, kv_seg=kv_seg),
+                             lse, do, delta, dq, dkv)
 
     def ring_step(carry, _):
         dq, travel, dkv = carry

@@ -34,6 +34,7 @@ BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 _SOFTMAX_OPTIONS = ("block_q", "block_k", "stripe")
 _DEFAULT_BLOCK = 512
+_STRIPED_BLOCK = 256
 
 
 def _check_names(mesh, axis, impl, layout):
@@ -90,6 +91,21 @@ def _check_softmax(q, k, v, mesh, axis, layout, causal, window, positions, segme
         _check_divisible("kv_heads", k.shape[2], (head_axis,), mesh)
 
 
+def default_block(layout, seq_len, num_shards):
+    """Tile length for a layout's ring steps when block_q / block_k are not given.
+
+    512, but at most a chunk for zigzag (so no tile straddles its two chunks)
+    and 256 for striped: every striped step has the causal diagonal inside
+    the shard pair, whose tiles are MASKED and about half empty; smaller tiles
+    waste less of it.
+    """
+    if layout == "zigzag":
+        return min(_DEFAULT_BLOCK, seq_len // (2 * num_shards))
+    if layout == "striped":
+        return _STRIPED_BLOCK
+    return _DEFAULT_BLOCK
+
+
 def window_steps(window, shard_len, num_shards):
     """Ring steps a causal window needs on the contiguous layout: 1 + ceil((w - 1) / L), at most n.
 
@@ -135,7 +151,7 @@ def attention_in_layout(q, k, v, *, mesh, axis="sequence", impl="ring", layout="
         that restart at each packed document).
       segment_ids: int [B, T] in layout order; attend within equal ids.
       **options: block_q, block_k (tile lengths of each shard's blockwise
-        attention; default 512, and for zigzag at most a chunk, T / 2n), and
+        attention; default `default_block(layout, T, n)`), and
         stripe (striped layout's stripe width, default 1). For "linear", every
         option goes to `lca.parallel.linear.attention_in_layout_linear`.
 
@@ -152,9 +168,9 @@ def attention_in_layout(q, k, v, *, mesh, axis="sequence", impl="ring", layout="
     n = mesh.shape[axis]
     seq_len, shard_len = q.shape[1], q.shape[1] // n
     stripe = options.get("stripe", 1)
-    default_block = min(_DEFAULT_BLOCK, seq_len // (2 * n)) if layout == "zigzag" else _DEFAULT_BLOCK
-    kernel_options = {"block_q": options.get("block_q", default_block),
-                      "block_k": options.get("block_k", default_block)}
+    block = default_block(layout, seq_len, n)
+    kernel_options = {"block_q": options.get("block_q", block),
+                      "block_k": options.get("block_k", block)}
     if impl == "ring":
         kernel = ring_attention
         if layout == "contiguous" and causal and window is not None:
