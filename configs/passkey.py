@@ -54,7 +54,7 @@ def smoke(c):
     """Seconds: a tiny model, short sequences, a few steps."""
     c.model.embed, c.model.mlp, c.model.block_q, c.model.block_k = 32, 64, 16, 16
     c.data.seq_len = 64
-    c.data.curriculum = ((32, 2),)
+    c.data.curriculum = ()
     c.train.update(steps=8, batch_size=8, log_every=2, eval_every=0, checkpoint_every=4,
                    warmup_steps=2, learning_rate=1e-2)
     c.eval.update(batch_size=4, batches=1, lengths=(64,), depth_bins=4)

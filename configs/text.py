@@ -21,7 +21,7 @@ def get_config(arg=""):
     c.mesh = {"data": 2, "fsdp": 2, "sequence": 2}
     c.model.update(vocab_size=256, embed=128, layers=4, heads=4, kv_heads=2, head_dim=32,
                    mlp=512, attention="ring", layout="zigzag", block_q=256, block_k=256)
-    c.data.update(task="text", seq_len=1024, vocab_size=256, max_bytes=0)
+    c.data.update(task="text", seq_len=1024, vocab_size=256, max_bytes=0, curriculum=())
     c.train.update(steps=300, batch_size=8, learning_rate=2e-3, warmup_steps=30,
                    eval_every=100, checkpoint_every=100, log_every=10)
     c.eval.update(batch_size=8, batches=4, lengths=(), depth_bins=10)

@@ -73,3 +73,10 @@ def test_to_layout_moves_every_sequence_field_together(layout):
         np.testing.assert_array_equal(from_layout(out[name], layout, 4), b[name])
     p = to_layout(Passkey(64, 2, 64).batch(batch_rng(0, 0), 2), layout, 4)
     np.testing.assert_array_equal(from_layout(p["positions"], layout, 4)[0], np.arange(64))
+
+
+def test_curriculum_lengths_are_a_function_of_the_batch_index():
+    it = Batches(Passkey(256, 2, 64), 2, seed=0, curriculum=((64, 2), (128, 1)))
+    assert [next(it)["tokens"].shape[1] for _ in range(5)] == [64, 64, 128, 256, 256]
+    it.set_state({"index": 2, "seed": 0, "stream": 0})
+    assert next(it)["tokens"].shape[1] == 128
