@@ -12,9 +12,8 @@ then b:
 
     (Γa, Sa) ∘ (Γb, Sb) = (Γa + Γb, exp(Γb) Sa + Sb)
 
-and zeros are the identity, which is also what `ppermute` gives a shard that
-receives nothing. The state entering a segment is the exclusive scan, in
-global order, of the segments before it. Layouts, as global chunk order:
+with zeros as the identity. The state entering a segment is the exclusive
+scan, in global order, of the segments before it. Layouts, as global chunk order:
 
   contiguous  shard r holds chunk r:                     A_0 ... A_{n-1}
   zigzag      shard r holds chunks r (A_r) and 2n-1-r (B_r):
@@ -29,14 +28,14 @@ a zero state, which does not depend on the collective, so the two overlap;
 a correction exp(G_t) q_tᵀ S_in finishes the output (G_t the decay from the
 segment's start through t). Every decay exponent is a sum of log decays,
 never positive. Per shard and per call the collectives move a fixed number
-of [B, H, K·V + 1] buffers, independent of the sequence length:
+of [m, B, H, K·V + 1] float32 buffers, independent of the sequence length:
 
-  "allgather"  one all_gather of the m pairs (LASP-2)
+  "allgather"  one all_gather of the m pairs (LASP-2); n buffers arrive
   "ring"       n - 1 ppermute hops around the ring, each forwarding the
                pairs it received (as LASP passes states along a ring), then
-               the same local fold as allgather
+               the same local fold as allgather; n - 1 buffers arrive
   "doubling"   log2(n) ppermute rounds with partner r XOR 2^d (recursive
-               doubling; n a power of two)
+               doubling; n a power of two); log2(n) buffers arrive
 
 Gradients are JAX autodiff through the collectives (a ppermute transposes to
 the inverse permutation, an all_gather to a reduce-scatter), so the backward
@@ -140,12 +139,11 @@ def _scan_doubling(pairs, axis_name, n, r):
         got = _unpack(lax.ppermute(_pack(total), axis_name, [(i, i ^ d) for i in range(n)]),
                       pairs[1].shape[-2:])
         below = (r & d) != 0
-        precedes = jnp.stack([below, ~below])[:m]  # [m]
-        keep = precedes.astype(pairs[0].dtype)
-        shape = lambda x, p: p.reshape(p.shape + (1,) * (x.ndim - 1))
-        prefix = compose(tuple(x * shape(x, keep) for x in got), prefix)
-        first = tuple(jnp.where(shape(x, precedes), x, y) for x, y in zip(got, total))
-        second = tuple(jnp.where(shape(x, precedes), y, x) for x, y in zip(got, total))
+        precedes = jnp.stack([below, ~below])[:m]  # [m]: the partner's block comes first
+        per_segment = lambda x: precedes.reshape((m,) + (1,) * (x.ndim - 1))
+        prefix = compose(tuple(x * per_segment(x) for x in got), prefix)
+        first = tuple(jnp.where(per_segment(x), x, y) for x, y in zip(got, total))
+        second = tuple(jnp.where(per_segment(x), y, x) for x, y in zip(got, total))
         total = compose(first, second)
         d *= 2
     incoming = [prefix[1][0]]
