@@ -54,8 +54,9 @@ def test_kv_moves_only_by_collective_permute_of_kv_head_buffers(mesh8):
     stablehlo = lowered.as_text()
     sent = re.findall(r"collective_permute.*?\((tensor<[^)]*>)\) ->", stablehlo)
     kv_type = f"tensor<2x{BATCH}x{shard}x{KV_HEADS}x{HEAD_DIM}x"
-    assert f"{kv_type}bf16>" in sent, sent  # K/V forward and backward
-    assert f"{kv_type}f32>" in sent, sent   # dK/dV on their way home
+    assert sent.count(f"{kv_type}bf16>") == 2, sent  # K/V: forward ring, backward ring
+    assert sent.count(f"{kv_type}f32>") == 2, sent   # dK/dV: with their block, then home
+    assert len(sent) == 8, sent  # and positions, segment ids twice each
 
 
 def _ppermutes(jaxpr, times=1):

@@ -34,7 +34,6 @@ BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 _SOFTMAX_OPTIONS = ("block_q", "block_k", "stripe")
 _DEFAULT_BLOCK = 512
-_STRIPED_BLOCK = 256
 
 
 def _check_names(mesh, axis, impl, layout):
@@ -94,15 +93,12 @@ def _check_softmax(q, k, v, mesh, axis, layout, causal, window, positions, segme
 def default_block(layout, seq_len, num_shards):
     """Tile length for a layout's ring steps when block_q / block_k are not given.
 
-    512, but at most a chunk for zigzag (so no tile straddles its two chunks)
-    and 256 for striped: every striped step has the causal diagonal inside
-    the shard pair, whose tiles are MASKED and about half empty; smaller tiles
-    waste less of it.
+    512 (on CPU, smaller tiles cost more in overhead than the half-empty
+    diagonal tiles of striped and causal steps waste), but at most a chunk for
+    zigzag, so no tile straddles its two chunks.
     """
     if layout == "zigzag":
         return min(_DEFAULT_BLOCK, seq_len // (2 * num_shards))
-    if layout == "striped":
-        return _STRIPED_BLOCK
     return _DEFAULT_BLOCK
 
 
