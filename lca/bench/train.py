@@ -22,7 +22,6 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from lca import layouts
 from lca.train import state as state_lib
 from lca.train.config import Experiment
 from lca.train.evaluate import make_task
@@ -123,6 +122,3 @@ def tokens_per_second(exp: Experiment, mesh, *, steps: int = 3) -> dict:
     return {"step_s": median, "tokens_per_s": tokens / median, "first_step_s": first,
             "loss": float(metrics["loss"])}
 
-
-def check_length(exp: Experiment, mesh, seq_len: int) -> None:
-    layouts.check_layout(seq_len, exp.model.layout, dict(mesh.shape).get("sequence", 1))

@@ -52,7 +52,7 @@ def train(exp: Experiment, workdir: str, *, progress: bool = True, stop_at: int 
     anything compiles or is overwritten.
     """
     mesh = run_mesh(exp)
-    t = exp.train
+    t, workdir = exp.train, os.path.abspath(workdir)
     mngr = ckpt_lib.manager(workdir, exp)
     latest = mngr.latest_step()
     if latest is not None:
