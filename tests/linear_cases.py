@@ -12,6 +12,16 @@ from attention_cases import TOLERANCE, relative_error
 
 DECAYS = ("none", "head", "token")
 
+# The test programs are tiny and compiling them is most of the suite's time:
+# LLVM at -O0 halves that. HLO passes (and so collectives and buffer
+# assignment) are unaffected.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def jit(fn, **kwargs):
+    """jax.jit with FAST_COMPILE."""
+    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
+
 
 def reference(q, k, v, log_decay=None, *, normalize=False, initial_state=None):
     """The recurrence token by token, written out plainly; float64 in, float64 out.
@@ -88,7 +98,7 @@ def outputs_and_grads(fn, inputs):
         ct_out, ct_state = (inputs[n].astype(state.dtype) for n in ("ct_out", "ct_state"))
         return (out.astype(state.dtype) * ct_out).sum() + (state * ct_state).sum(), (out, state)
 
-    grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True))
+    grad = jit(jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True))
     (_, (out, state)), grads = grad(*(inputs[n] for n in names))
     return out, state, dict(zip(names, grads))
 

@@ -49,10 +49,13 @@ def vary_like(state, *refs):
     while the step's output varies like the inputs. Adding typed scalar zeros
     fixes that with public API only; outside shard_map it is a no-op.
     """
-    for ref in refs:
-        if ref is not None:
-            state = state + jnp.zeros_like(ref, shape=(), dtype=state.dtype)
-    return state
+    def cast(x):
+        for ref in refs:
+            if ref is not None:
+                x = x + jnp.zeros_like(ref, shape=(), dtype=x.dtype)
+        return x
+
+    return jax.tree.map(cast, state)
 
 
 def segsum(g):
@@ -122,6 +125,49 @@ def block(q, k, v, g, state):
     return out, after[:, -1]
 
 
+def geometry(length, chunk_size, chunks_per_step=CHUNKS_PER_STEP):
+    """(C, N, steps): chunks of C tokens, N per scan step; T is padded to steps * N * C."""
+    c = min(chunk_size, length)
+    n = _cdiv(length, c)
+    steps = _cdiv(n, chunks_per_step)
+    return c, _cdiv(n, steps), steps
+
+
+def scan_steps(fn, carry, xs, length, step_len, steps):
+    """carry, ys = fn(carry, xs of one step) over the steps of [B, T, ...] arrays.
+
+    xs is a tuple of [B, T, ...] arrays (or None), zero-padded to steps *
+    step_len; each step reads its [B, step_len, ...] slices. A padded token
+    has k = v = 0 and g = 0, so it changes no state. The step is
+    `jax.checkpoint`ed: the backward pass keeps one carry per step. Steps
+    slice the arrays by index rather than scanning over them, so XLA never
+    copies an input into the loop. ys (None or [B, step_len, ...] per step)
+    come back as [B, T, ...].
+    """
+    padded = steps * step_len
+
+    def pad(x):
+        if x is None or padded == length:
+            return x
+        return jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
+
+    xs = tuple(pad(x) for x in xs)
+    if steps == 1:
+        carry, ys = fn(carry, xs)
+        ys = None if ys is None else ys[None]
+    else:
+        def step(carry, i):
+            return fn(carry, tuple(None if x is None else lax.dynamic_slice_in_dim(
+                x, i * step_len, step_len, axis=1) for x in xs))
+
+        carry = vary_like(carry, *xs)
+        carry, ys = lax.scan(jax.checkpoint(step, prevent_cse=False), carry, jnp.arange(steps))
+    if ys is None:
+        return carry, None
+    ys = jnp.moveaxis(ys, 0, 1)  # a free reshape when B == 1
+    return carry, ys.reshape(ys.shape[0], padded, *ys.shape[3:])[:, :length]
+
+
 def chunked(q, k, v, g, state, chunk_size, chunks_per_step=CHUNKS_PER_STEP):
     """Chunked causal linear attention.
 
@@ -133,34 +179,15 @@ def chunked(q, k, v, g, state, chunk_size, chunks_per_step=CHUNKS_PER_STEP):
     Returns:
       out [B, T, H, V] and the final state [B, H, K, V], in the state's dtype.
     """
-    b, t, h = q.shape[:3]
-    c = min(chunk_size, t)
-    n = _cdiv(t, c)
-    steps = _cdiv(n, chunks_per_step)
-    per_step = _cdiv(n, steps)
-    padded = steps * per_step * c
+    b, t = q.shape[:2]
+    c, n, steps = geometry(t, chunk_size, chunks_per_step)
 
-    def blocks(x):
-        # Zero padding at the end changes nothing before it: a padded token has
-        # k = v = 0 (no state update) and g = 0 (no decay).
-        if padded != t:
-            x = jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape(b, steps, per_step, c, *x.shape[2:])
-        return jnp.moveaxis(x, 1, 0)  # a free reshape when B == 1
+    def step(state, x):
+        chunks = (None if a is None else a.reshape(b, n, c, *a.shape[2:]) for a in x)
+        out, state = block(*chunks, state)
+        return state, out.reshape(b, n * c, *out.shape[3:])
 
-    xs = tuple(None if x is None else blocks(x) for x in (q, k, v, g))
-    if steps == 1:
-        out, state = block(*(x[0] if x is not None else None for x in xs), state)
-        out = out[None]
-    else:
-        def step(carry, x):
-            out, carry = block(*x, carry)
-            return carry, out
-
-        state = vary_like(state, q, k, v, g)
-        state, out = lax.scan(jax.checkpoint(step, prevent_cse=False), state, xs)
-    out = jnp.moveaxis(out, 0, 1).reshape(b, padded, h, -1)
-    return out[:, :t], state
+    return scan_steps(step, state, (q, k, v, g), t, n * c, steps)[::-1]
 
 
 def quadratic(q, k, v, g, state):
@@ -170,14 +197,24 @@ def quadratic(q, k, v, g, state):
     return out[:, 0], state
 
 
-def segment_state(k, v, g, acc):
+def segment_state(k, v, g, acc, chunk_size):
     """(total log decay [B, H], state [B, H, K, V]) of a segment from a zero state.
 
-    One [K, T] x [T, V] product per head: what a shard needs to publish
-    before its own output is computed.
+    A [K, L] x [L, V] product per head and scan step of L tokens, nothing
+    [B, T, ...] kept: what a shard publishes before its own output exists.
     """
-    if g is None:
-        total = jnp.zeros(k.shape[:1] + k.shape[2:3], acc)
-        return total, jnp.einsum("bshk,bshv->bhkv", k, v, preferred_element_type=acc)
-    k_out = k * jnp.exp(tail_sums(g, axis=1))[..., None]
-    return g.sum(axis=1), jnp.einsum("bshk,bshv->bhkv", k_out, v, preferred_element_type=acc)
+    b, t, h = k.shape[:3]
+    c, n, steps = geometry(t, chunk_size)
+
+    def step(carry, x):
+        total, state = carry
+        k, v, g = x
+        if g is not None:
+            k = k * jnp.exp(tail_sums(g, axis=1))[..., None]
+            step_total = g.sum(axis=1)
+            total, state = total + step_total, jnp.exp(step_total)[..., None, None] * state
+        return (total, state + jnp.einsum("bshk,bshv->bhkv", k, v,
+                                          preferred_element_type=acc)), None
+
+    zero = (jnp.zeros((b, h), acc), jnp.zeros((b, h, k.shape[3], v.shape[3]), acc))
+    return scan_steps(step, zero, (k, v, g), t, n * c, steps)[0]

@@ -213,16 +213,29 @@ def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout=
     q, k, v, g = (_fold_segments(x, m) for x in (q, k, v, g))
 
     # 1. This shard's segment summaries, then at once the collective.
-    gamma, state = linear_chunked.segment_state(k, v, g, acc)
+    gamma, state = linear_chunked.segment_state(k, v, g, acc, int(chunk_size))
     pairs = (gamma.reshape((m, b) + gamma.shape[1:]), state.reshape((m, b) + state.shape[1:]))
     incoming = _SCANS[algorithm](pairs, axis_name, n, r)  # [m, B, H, K, V]
     # 2. The local output from a zero state: independent of the collective.
     zero = jnp.zeros((m * b,) + state.shape[1:], acc)
     num, _ = linear_chunked.chunked(q, k, v, g, zero, int(chunk_size))
     # 3. The incoming state, read through each query's decay since its segment began.
-    read = jnp.einsum("bthk,bhkv->bthv", q, incoming.reshape(zero.shape),
-                      preferred_element_type=acc)
-    if g is not None:
-        read = read * jnp.exp(jnp.cumsum(g, axis=1))[..., None]
-    out = linear_lib.finish(num + read, normalize, q.dtype)
+    out = _read_incoming(num, q, g, incoming.reshape(zero.shape), normalize, int(chunk_size))
     return _unfold_segments(out, m)
+
+
+def _read_incoming(num, q, g, incoming, normalize, chunk_size):
+    """num + exp(G_t) q_tᵀ S_in, normalized and cast: one scan, nothing extra kept."""
+    b, t = q.shape[:2]
+    c, n, steps = linear_chunked.geometry(t, chunk_size)
+
+    def step(before, x):
+        num, q, g = x
+        read = jnp.einsum("bthk,bhkv->bthv", q, incoming, preferred_element_type=num.dtype)
+        if g is not None:  # before: the decay from the segment's start to this step's
+            read = read * jnp.exp(before[:, None] + jnp.cumsum(g, axis=1))[..., None]
+            before = before + g.sum(axis=1)
+        return before, linear_lib.finish(num + read, normalize, q.dtype)
+
+    start = jnp.zeros((b, q.shape[2]), num.dtype)
+    return linear_chunked.scan_steps(step, start, (num, q, g), t, n * c, steps)[1]
