@@ -27,7 +27,8 @@ def main():
     parser.add_argument("--part", default="all",
                         choices=["length", "efficiency", "sequence_parallel", "all"])
     parser.add_argument("--seq_lens", type=_ints, default=(4096, 16384, 65536, 262144, 1048576))
-    parser.add_argument("--efficiency_lens", type=_ints, default=(128, 256, 512, 1024, 2048, 4096))
+    parser.add_argument("--efficiency_lens", type=_ints,
+                        default=(64, 128, 256, 512, 1024, 2048, 4096))
     parser.add_argument("--parallel_seq_len", type=int, default=1048576)
     parser.add_argument("--algorithms", default="ring,allgather,doubling")
     parser.add_argument("--layout", default="contiguous", choices=["contiguous", "zigzag"])

@@ -38,7 +38,7 @@ class Row:
     us_per_token: float | None
     temp_bytes: int
     ratio: float | None = None   # length: vs the reference length; efficiency: linear / blockwise
-    collective_bytes: int | None = None  # sequence parallel: bytes per device per call
+    collective_bytes: int | None = None  # sequence parallel: collective results, per device
 
 
 def _inputs(seq_len, heads, head_dim, decay, seed=0, sharding=None):
@@ -80,16 +80,26 @@ def _compile(fn, args, budget):
     return compiled, memory.temp_size_in_bytes, need <= budget
 
 
-def _round_robin(points, repeats, desc):
-    """{key: median seconds}; points: {key: (compiled, args)}; one warm-up each."""
-    for compiled, args in points.values():
+def _round_robin(points, repeats, desc, min_seconds=0.25):
+    """{key: median seconds per call}; points: {key: (compiled, args)}.
+
+    One warm-up call each; a point faster than `min_seconds` is called back
+    to back enough times per round to take about that long, so short points
+    are not just timer and scheduling noise.
+    """
+    calls = {}
+    for key, (compiled, args) in points.items():
+        start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
+        calls[key] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6)))
     times = {key: [] for key in points}
     for _ in tqdm(range(repeats), desc=desc, unit="round"):
         for key, (compiled, args) in points.items():
             start = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times[key].append(time.perf_counter() - start)
+            for _ in range(calls[key]):
+                out = compiled(*args)
+            jax.block_until_ready(out)
+            times[key].append((time.perf_counter() - start) / calls[key])
     return {key: statistics.median(t) for key, t in times.items()}
 
 
@@ -118,8 +128,9 @@ def time_per_token(seq_lens=(4096, 16384, 65536, 262144, 1048576), *, reference_
     return list(rows.values())
 
 
-def efficiency_length(seq_lens=(128, 256, 512, 1024, 2048, 4096), *, heads=4, head_dim=64,
-                      decay="token", chunk_size=64, block=512, repeats=5, memory_budget=None):
+def efficiency_length(seq_lens=(64, 128, 256, 512, 1024, 2048, 4096), *, heads=4,
+                      head_dim=64, decay="token", chunk_size=64, block=512, repeats=5,
+                      memory_budget=None):
     """Linear against blockwise softmax attention; (rows, efficiency length or None).
 
     The efficiency length is the shortest measured length from which linear
@@ -136,13 +147,14 @@ def efficiency_length(seq_lens=(128, 256, 512, 1024, 2048, 4096), *, heads=4, he
                 points[impl, seq_len] = (compiled, args)
     for key, seconds in _round_robin(points, repeats, "linear vs blockwise").items():
         rows[key].seconds, rows[key].us_per_token = seconds, 1e6 * seconds / key[1]
+    for seq_len in seq_lens:
+        lin, soft = rows["linear", seq_len].seconds, rows["blockwise", seq_len].seconds
+        if lin is not None and soft is not None:
+            rows["linear", seq_len].ratio = lin / soft
     length = None
     for seq_len in sorted(seq_lens, reverse=True):
-        lin, soft = rows["linear", seq_len].seconds, rows["blockwise", seq_len].seconds
-        if lin is None or soft is None:
-            continue
-        rows["linear", seq_len].ratio = lin / soft
-        if lin > soft:
+        ratio = rows["linear", seq_len].ratio
+        if ratio is None or ratio > 1:
             break
         length = seq_len
     return list(rows.values()), length
@@ -165,7 +177,8 @@ def sequence_parallel(seq_len=1048576, algorithms=("ring", "allgather", "doublin
     mesh = make_mesh({"sequence": num_devices}, devices=jax.devices()[:num_devices])
     sharding = NamedSharding(mesh, P(None, "sequence"))
     args = _inputs(seq_len, heads, head_dim, decay, sharding=sharding)
-    budget = _budget(memory_budget)
+    # The inputs are already resident; what is left must hold temporaries and outputs.
+    budget = memory_budget or int(0.75 * timing.available_memory_bytes())
     points, rows = {}, {}
     for algorithm in tqdm(algorithms, desc="compile (sequence parallel)", unit="algorithm"):
         fn = _forward_backward(lambda q, k, v, g=None, a=algorithm: attention_in_layout_linear(
@@ -193,6 +206,9 @@ def format_table(rows) -> str:
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
         lines.append(f"{r.part:>17} {r.impl:>16} {r.seq_len:>8} {r.seconds:9.3f}"
                      f" {r.us_per_token:9.2f} {ratio:>6} {mib} {coll:>8}")
+    if any(r.part == "sequence_parallel" for r in rows):
+        lines.append("sequence_parallel: temp MiB and collective bytes (coll. B: the results of"
+                     " every collective in forward+backward) are per device")
     return "\n".join(lines)
 
 
