@@ -1,4 +1,4 @@
-"""Causal linear attention with decay: chunked, recurrent and quadratic forms, and one decoding step.
+"""Causal linear attention with decay: chunked, recurrent and quadratic forms, one decoding step.
 
 Dimension legend:
   B batch, T length, H heads, K key_dim, V value_dim.

@@ -19,12 +19,14 @@ and only the [B, H, K, V] state is carried from step to step.
 Every decay exponent is a direct sum of log decays over a segment (a masked
 cumulative sum), never a difference of two long prefix sums, so it is <= 0 by
 construction: g = -50 per token over millions of tokens underflows to exact
-zeros, never to inf or NaN, in the forward pass and in the gradients.
+zeros, never to inf or NaN, in the forward pass and in the gradients. One
+table per chunk, exp(segsum([0, g])), holds every decay the chunk needs.
 
 The scan body is `jax.checkpoint`ed: the backward pass keeps one [B, H, K, V]
-state per step and recomputes the step, so memory stays linear in length with
-a small constant. Plain autodiff through the scan gives gradients for q, k,
-v, the decays and the initial state.
+state per step and recomputes the step. Each step slices its tokens from the
+inputs by index, so XLA never copies an input into the loop; forward+backward
+temporaries stay below one [B, T, H, D] buffer. Gradients (q, k, v, decays,
+initial state) are plain autodiff through the scan.
 """
 
 from __future__ import annotations
