@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import importlib.util
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from lca import layouts
+from lca.bench import timing
 from lca.kernels import blockwise, ring
 from lca.kernels import masks as masks_lib
 from lca.parallel import attention_in_layout, make_mesh
@@ -41,12 +41,7 @@ RINGATTENTION_MISSING = (
 
 def _time(fn, *args, repeats):
     """Median seconds of fn(*args) over `repeats` runs (no warm-up: the caller warms up)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timing.median_seconds(fn, *args, repeats=repeats, warmup=False)
 
 
 # ----------------------------------------------------------------------------- load balance

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 
 
-def median_seconds(fn, *args, repeats: int = 3) -> float:
-    """Median wall time of `fn(*args)` over `repeats` runs after one warm-up."""
-    jax.block_until_ready(fn(*args))
+def median_seconds(fn, *args, repeats: int = 3, warmup: bool = True) -> float:
+    """Median wall time of `fn(*args)` over `repeats` runs, after one warm-up run if `warmup`."""
+    if warmup:
+        jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
