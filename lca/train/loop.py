@@ -8,7 +8,7 @@ import time
 
 import jax
 
-from lca.parallel import make_mesh
+from lca.parallel import distributed, make_mesh
 from lca.train import checkpoint as ckpt_lib
 from lca.train import state as state_lib
 from lca.train.config import Experiment, validate
@@ -18,9 +18,10 @@ from lca.train.plots import plot_run
 
 
 def setup_devices(exp: Experiment) -> None:
-    """Asks for `exp.cpu_devices` CPU devices; must run before JAX starts a backend."""
-    if exp.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", exp.cpu_devices)
+    """Asks for `exp.cpu_devices` CPU devices in all, split over the processes (unless
+    JAX_NUM_CPU_DEVICES is set); must run before JAX starts a backend."""
+    if exp.cpu_devices and not os.environ.get("JAX_NUM_CPU_DEVICES"):
+        jax.config.update("jax_num_cpu_devices", distributed.local_cpu_devices(exp.cpu_devices))
 
 
 def run_mesh(exp: Experiment, devices=None):
@@ -69,7 +70,7 @@ def train(exp: Experiment, workdir: str, *, progress: bool = True, stop_at: int 
     evaluator = Evaluator(exp, ts.ctx)
     writer = MetricsWriter(workdir)
     end = t.steps if stop_at is None else min(stop_at, t.steps)
-    bar = _bar(t.steps, start, progress)
+    bar = _bar(t.steps, start, progress and distributed.is_main_process())
     losses, evals = [], {}
     clock, clock_step = time.perf_counter(), start
     for step in range(start + 1, end + 1):
