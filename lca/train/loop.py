@@ -78,7 +78,7 @@ def train(exp: Experiment, workdir: str, *, progress: bool = True, stop_at: int 
         ts.state, metrics = step_fn(ts.state, state_lib.device_batch(next(data), exp, ts.ctx))
         losses.append(metrics["loss"])
         if step % t.log_every == 0 or step == end:
-            metrics = jax.device_get(metrics)
+            metrics = jax.device_get({k: v for k, v in metrics.items() if k != "grads_finite"})
             now = time.perf_counter()
             step_time = (now - clock) / max(step - clock_step, 1)
             clock, clock_step = now, step

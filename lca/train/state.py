@@ -144,13 +144,28 @@ _INITS: dict = {}
 def _train_step(graphdef, ctx, shardings):
 
     def step(state, batch):
+        before = jax.tree.leaves(state)
         model, opt = nnx.merge(graphdef, state)
         grads, metrics = nnx.grad(lambda m: loss_and_metrics(m, batch, ctx), has_aux=True)(model)
         opt.update(model, grads)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return nnx.split((model, opt))[1], metrics
+        # A non-finite loss or gradient leaves the state as it was (the loop
+        # then stops or counts a skipped step); `grads_finite` has one flag
+        # per gradient leaf, in `grad_leaf_names` order, to name the layer.
+        metrics["grads_finite"] = jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)])
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & metrics["grads_finite"].all()
+        after = nnx.split((model, opt))[1]
+        kept = [jnp.where(metrics["finite"], a, b) for a, b in zip(jax.tree.leaves(after), before)]
+        return jax.tree.unflatten(jax.tree.structure(after), kept), metrics
 
     return jax.jit(step, out_shardings=(shardings, None), donate_argnums=0)
+
+
+def grad_leaf_names(ts: TrainState) -> list[str]:
+    """Paths of the gradient leaves, in the order of the train step's `grads_finite`."""
+    model = nnx.merge(ts.graphdef, ts.state)[0]
+    return [jax.tree_util.keystr(path) for path, _ in
+            jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))]
 
 
 @functools.lru_cache(maxsize=8)
