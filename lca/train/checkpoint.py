@@ -7,12 +7,21 @@ last `keep_checkpoints`. Restoring builds an abstract State whose shardings
 come from the target mesh and the config's parameter rules, restores into
 it, and merges: the same call works on the mesh that wrote the checkpoint, on
 another mesh, and on one CPU device.
+
+Damaged checkpoints. Orbax writes a step into `<step>.orbax-checkpoint-tmp*`
+and renames it when complete, so a process killed mid-save leaves such a
+directory and no `<step>/`. `scan` reports those; a step directory that
+cannot be read back (a truncated or corrupted file) is found when restoring.
+Either kind is moved, never deleted, to `<workdir>/checkpoints_unusable/`
+with a warning (`set_aside`), and the run resumes from the newest checkpoint
+that restores.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -27,11 +36,17 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+UNUSABLE_DIR = "checkpoints_unusable"
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
 def manager(workdir: str, exp: Experiment | None = None, *, read_only=False):
     keep = exp.train.keep_checkpoints if exp is not None else None
+    # cleanup_tmp_directories stays off: an interrupted save is set aside by
+    # `set_aside` with a warning, not removed behind the user's back.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=not read_only, read_only=read_only,
-        create=not read_only)
+        create=not read_only, cleanup_tmp_directories=False)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                  item_names=("model", "optimizer", "config", "data"))
 
@@ -45,13 +60,65 @@ def save(mngr, step: int, ts: state_lib.TrainState, exp: Experiment, data_state:
         data=ocp.args.JsonSave(data_state)), force=force)
 
 
+@dataclasses.dataclass
+class Found:
+    """What `scan` saw under `checkpoints/`: complete steps (newest first) and interrupted saves."""
+    steps: list
+    incomplete: list       # paths of `<step>.orbax-checkpoint-tmp*` directories
+
+
+def scan(workdir: str) -> Found:
+    """Lists `checkpoints/` without writing anything (the directory need not exist)."""
+    root = checkpoint_dir(workdir)
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    steps = sorted((int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(root, n))),
+                   reverse=True)
+    return Found(steps, [os.path.join(root, n) for n in names if TMP_MARK in n])
+
+
+def newest_readable_config(workdir: str, found: Found, log=print):
+    """(Experiment, step) of the newest checkpoint whose config reads, or (None, None)."""
+    if not found.steps:
+        return None, None
+    mngr = manager(workdir, read_only=True)
+    try:
+        for step in found.steps:
+            try:
+                return read_config(mngr, step), step
+            except Exception as e:  # noqa: BLE001 (any failure to read means: not usable)
+                log(f"WARNING: the config of checkpoint step {step} does not read"
+                    f" ({type(e).__name__}: {e}); trying an older one")
+    finally:
+        mngr.close()
+    return None, None
+
+
+def set_aside(workdir: str, path: str, why: str, log=print) -> str:
+    """Moves a damaged checkpoint directory to `<workdir>/checkpoints_unusable/` (never deletes)."""
+    target_dir = os.path.join(os.path.abspath(workdir), UNUSABLE_DIR)
+    target = os.path.join(target_dir, os.path.basename(path))
+    n = 1
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(target_dir, f"{os.path.basename(path)}.{n}")
+    if jax.process_index() == 0:
+        os.makedirs(target_dir, exist_ok=True)
+        shutil.move(path, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        multihost_utils.sync_global_devices(f"lca set_aside {path}")
+    log(f"WARNING: skipping {why} checkpoint {path}; moved it to {target} (not deleted:"
+        " inspect it, then remove it yourself)")
+    return target
+
+
 def read_config(mngr, step: int) -> Experiment:
     restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return Experiment.from_dict(restored["config"])
 
 
 def check_compatible(saved: Experiment, exp: Experiment, workdir: str) -> None:
-    """Raises a ValueError naming the model options that change parameter shapes."""
+    """Raises a ValueError naming the kernel set or the model options that change shapes."""
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     shapes = []
     for e in (saved, exp):
@@ -65,6 +132,12 @@ def check_compatible(saved: Experiment, exp: Experiment, workdir: str) -> None:
             f"workdir {workdir} holds a checkpoint of a different model shape;"
             f" config.model options (saved, now): {changed}. Use another --workdir or the"
             " saved config.")
+    if saved.model.attention != exp.model.attention:
+        raise ValueError(
+            f"workdir {workdir} holds a checkpoint trained with config.model.attention="
+            f"{','.join(saved.model.attention)!r}, but the config says"
+            f" {','.join(exp.model.attention)!r}; set config.model.attention="
+            f"{','.join(saved.model.attention)!r} to resume, or use another --workdir")
 
 
 def restore_train(mngr, step: int, ts: state_lib.TrainState, exp: Experiment):

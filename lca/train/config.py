@@ -17,6 +17,9 @@ from lca.models.config import FEATURE_MAPS, LinearOptions, ModelConfig
 from lca.parallel.sharding import MESH_AXES, check_rules
 
 TASKS = ("passkey", "recall", "text")
+ON_NONFINITE = ("stop", "skip")
+SECTIONS = ("model", "data", "train", "eval", "mesh", "sharding", "seed", "cpu_devices")
+MAX_LEARNING_RATE = 1.0  # AdamW steps are about lr per parameter; above 1 is a typo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,7 @@ class TrainConfig:
     eval_every: int = 0           # 0 = only at the end
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    on_nonfinite: str = "stop"    # a non-finite loss/gradient: "stop" the run, or "skip" the update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +139,15 @@ def _data(section) -> DataConfig:
 def from_config(config) -> Experiment:
     """Builds and validates an `Experiment` from a ConfigDict (or nested dict)."""
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    unknown = sorted(set(c) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"config has unknown option(s) {unknown}; known: {sorted(SECTIONS)}")
+    unknown = sorted(set(c.get("sharding", {})) - {"params", "activations"})
+    if unknown:
+        raise ValueError(f"config.sharding has unknown option(s) {unknown};"
+                         " known: ['activations', 'params']")
+    if "model" not in c:
+        raise ValueError("config.model is missing; see configs/passkey.py for the options")
     model = _fields(ModelConfig, c["model"], "model")
     model["linear"] = LinearOptions(**_fields(LinearOptions, model.get("linear", {}),
                                               "model.linear"))
@@ -182,6 +195,7 @@ def validate(exp: Experiment, num_devices: int | None = None) -> None:
             raise ValueError(f"config.mesh names unknown axis {axis!r}; known: {MESH_AXES}")
     check_rules("config.sharding.params", exp.param_rules)
     check_rules("config.sharding.activations", exp.activation_rules)
+    _check_ranges(exp)
     if num_devices is None:
         return
     sizes = exp.mesh_sizes(num_devices)
@@ -202,6 +216,49 @@ def validate(exp: Experiment, num_devices: int | None = None) -> None:
         if getattr(m, axis) % n:
             raise ValueError(f"config.model.{axis} ({getattr(m, axis)}) must be a multiple of"
                              f" the mesh axes it is sharded over ({n} devices)")
+
+
+def _check_ranges(exp: Experiment) -> None:
+    """Sizes, counts and optimizer settings in the ranges that make a run meaningful."""
+    m, d, t, ev = exp.model, exp.data, exp.train, exp.eval
+    at_least = [(f"config.model.{k}", getattr(m, k), 1)
+                for k in ("vocab_size", "embed", "layers", "heads", "kv_heads", "head_dim", "mlp")]
+    at_least += [("config.data.seq_len", d.seq_len, 1), ("config.data.vocab_size", d.vocab_size, 1),
+                 ("config.train.steps", t.steps, 1), ("config.train.batch_size", t.batch_size, 1),
+                 ("config.train.warmup_steps", t.warmup_steps, 0),
+                 ("config.train.log_every", t.log_every, 1),
+                 ("config.train.eval_every", t.eval_every, 0),
+                 ("config.train.checkpoint_every", t.checkpoint_every, 1),
+                 ("config.train.keep_checkpoints", t.keep_checkpoints, 1),
+                 ("config.eval.batch_size", ev.batch_size, 1), ("config.eval.batches", ev.batches, 1),
+                 ("config.cpu_devices", exp.cpu_devices, 0)]
+    for name, value, low in at_least:
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} is {value!r}; it must be an integer >= {low}")
+    lr = t.learning_rate
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= MAX_LEARNING_RATE):
+        raise ValueError(f"config.train.learning_rate is {lr!r}; it must be in"
+                         f" (0, {MAX_LEARNING_RATE}] (e.g. 1e-3)")
+    unit = [("config.train.b1", t.b1), ("config.train.b2", t.b2)]
+    for name, value in unit:
+        if not 0 <= value < 1:
+            raise ValueError(f"config.train.{name.rsplit('.', 1)[1]} is {value!r}; it must be in [0, 1)")
+    if not 0 <= t.end_learning_rate_fraction <= 1:
+        raise ValueError(f"config.train.end_learning_rate_fraction is"
+                         f" {t.end_learning_rate_fraction!r}; it must be in [0, 1]")
+    if not (t.weight_decay >= 0 and math.isfinite(t.weight_decay)):
+        raise ValueError(f"config.train.weight_decay is {t.weight_decay!r}; it must be >= 0")
+    if not t.clip_norm > 0:
+        raise ValueError(f"config.train.clip_norm is {t.clip_norm!r}; it must be > 0")
+    if t.on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"config.train.on_nonfinite is {t.on_nonfinite!r}; known: {ON_NONFINITE}")
+    for axis, size in exp.mesh:
+        if size != -1 and size < 1:
+            raise ValueError(f"config.mesh axis {axis!r} has size {size}; sizes are >= 1,"
+                             " or -1 for the devices left over")
+    if sum(size == -1 for _, size in exp.mesh) > 1:
+        raise ValueError(f"config.mesh {dict(exp.mesh)} has more than one axis of size -1;"
+                         " at most one axis may take the devices left over")
 
 
 def _axes_of(rules, logical) -> tuple:

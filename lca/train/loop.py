@@ -15,6 +15,7 @@ from lca.train.config import Experiment, validate
 from lca.train.evaluate import Evaluator, train_batches
 from lca.train.metrics import MetricsWriter
 from lca.train.plots import plot_run
+from lca.train.preemption import Preemption
 
 
 def setup_devices(exp: Experiment) -> None:
@@ -36,6 +37,8 @@ class RunResult:
     losses: list            # train loss of every step this call ran
     evals: dict             # the last evaluation
     files: dict             # name -> path
+    stopped_by: str | None = None   # e.g. "SIGTERM" when a signal ended the run early
+    skipped_steps: int = 0  # updates skipped for a non-finite loss/gradient (on_nonfinite="skip")
 
 
 def _bar(total, initial, enabled):
@@ -45,71 +48,147 @@ def _bar(total, initial, enabled):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
+def prepare(exp: Experiment, workdir: str, log=print):
+    """Every check of the config and the workdir; reads, writes nothing, compiles nothing.
+
+    Returns (mesh, what `checkpoint.scan` found). Raises a ValueError naming the
+    option for a bad config, a mesh that does not fit the devices, or a
+    workdir whose checkpoint has another model shape or kernel set.
+    """
+    mesh = run_mesh(exp)
+    found = ckpt_lib.scan(workdir)
+    saved, _ = ckpt_lib.newest_readable_config(workdir, found, log)
+    if saved is not None:
+        ckpt_lib.check_compatible(saved, exp, workdir)
+    return mesh, found
+
+
+def _resume(mngr, found, ts, exp, data, workdir, log):
+    """Restores the newest checkpoint that restores; sets damaged ones aside. Returns (ts, step)."""
+    for path in found.incomplete:
+        ckpt_lib.set_aside(workdir, path, "incomplete (a save was interrupted)", log)
+    for step in found.steps:
+        try:
+            ts, data_state = ckpt_lib.restore_train(mngr, step, ts, exp)
+        except Exception as e:  # noqa: BLE001 (any failure to read back means: not usable)
+            ckpt_lib.set_aside(
+                workdir, os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)),
+                f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:300]})", log)
+            mngr.reload()
+            continue
+        data.set_state(data_state)
+        log(f"resumed from {ckpt_lib.checkpoint_dir(workdir)} at step {step}")
+        return ts, step
+    if found.steps:
+        log("WARNING: no checkpoint could be restored; training from step 0")
+    return ts, 0
+
+
+def nonfinite_message(step: int, metrics: dict, ts) -> str:
+    """'step N: non-finite loss ...; first non-finite gradient in <path>'."""
+    flags = jax.device_get(metrics["grads_finite"])
+    names = state_lib.grad_leaf_names(ts)
+    bad = [name for name, ok in zip(names, flags) if not ok]
+    where = (f"first non-finite gradient in layer {bad[0]} ({len(bad)} of {len(names)} leaves)"
+             if bad else "all gradients finite")
+    return (f"step {step}: non-finite loss or gradient (loss={float(metrics['loss'])},"
+            f" grad_norm={float(metrics['grad_norm'])}); {where}")
+
+
 def train(exp: Experiment, workdir: str, *, progress: bool = True, stop_at: int | None = None,
-          log=print) -> RunResult:
+          log=print, command: str | None = None) -> RunResult:
     """Trains (or resumes) `exp` in `workdir`; `stop_at` ends early (as if interrupted).
 
     Everything that can be wrong with the config or the workdir raises before
-    anything compiles or is overwritten.
+    anything compiles or is overwritten (`prepare`). Resumes from the newest
+    checkpoint that restores; incomplete or unreadable ones are moved to
+    `checkpoints_unusable/` with a warning. SIGTERM or SIGINT ends the run
+    after the current step with a checkpoint (`RunResult.stopped_by`);
+    `command`, the command line that started the run, goes into the message
+    that says how to resume. A non-finite loss or gradient raises a
+    FloatingPointError naming the step and layer, without a checkpoint of
+    that state, or with `train.on_nonfinite="skip"` leaves the state as it
+    was and counts the step in `train/skipped_steps`.
     """
-    mesh = run_mesh(exp)
     t, workdir = exp.train, os.path.abspath(workdir)
-    mngr = ckpt_lib.manager(workdir, exp)
-    latest = mngr.latest_step()
-    if latest is not None:
-        ckpt_lib.check_compatible(ckpt_lib.read_config(mngr, latest), exp, workdir)
+    mesh, found = prepare(exp, workdir, log)
     ts = state_lib.create(exp, mesh)
+    mngr = ckpt_lib.manager(workdir, exp)
     data = train_batches(exp)
-    start = 0
-    if latest is not None:
-        ts, data_state = ckpt_lib.restore_train(mngr, latest, ts, exp)
-        data.set_state(data_state)
-        start = latest
-        log(f"resumed from {ckpt_lib.checkpoint_dir(workdir)} at step {start}")
+    ts, start = _resume(mngr, found, ts, exp, data, workdir, log)
     step_fn = state_lib.make_train_step(ts, exp)
     evaluator = Evaluator(exp, ts.ctx)
     writer = MetricsWriter(workdir)
     end = t.steps if stop_at is None else min(stop_at, t.steps)
     bar = _bar(t.steps, start, progress and distributed.is_main_process())
-    losses, evals = [], {}
+    losses, evals, skipped, stopped_by, step = [], {}, 0, None, start
     clock, clock_step = time.perf_counter(), start
-    for step in range(start + 1, end + 1):
-        tokens = t.batch_size * data.length_at(data.index)
-        ts.state, metrics = step_fn(ts.state, state_lib.device_batch(next(data), exp, ts.ctx))
-        losses.append(metrics["loss"])
-        if step % t.log_every == 0 or step == end:
-            metrics = jax.device_get({k: v for k, v in metrics.items() if k != "grads_finite"})
-            now = time.perf_counter()
-            step_time = (now - clock) / max(step - clock_step, 1)
-            clock, clock_step = now, step
-            writer.write(step, {"train/" + k: v for k, v in metrics.items()} | {
-                "train/learning_rate": state_lib.learning_rate_schedule(exp)(step - 1),
-                "perf/step_time_s": step_time, "perf/tokens_per_s": tokens / step_time})
-            if bar is not None:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / step_time:,.0f}",
-                                step_s=f"{step_time:.3f}")
+    try:
+        with Preemption() as preemption:
+            for step in range(start + 1, end + 1):
+                tokens = t.batch_size * data.length_at(data.index)
+                ts.state, metrics = step_fn(ts.state,
+                                            state_lib.device_batch(next(data), exp, ts.ctx))
+                losses.append(metrics["loss"])
+                if not bool(metrics["finite"]):  # one scalar read per step
+                    message = nonfinite_message(step, metrics, ts)
+                    if t.on_nonfinite == "stop":
+                        raise FloatingPointError(
+                            f"{message}. Stopped without writing a checkpoint; the newest"
+                            f" checkpoint is in {ckpt_lib.checkpoint_dir(workdir)}. Lower"
+                            " config.train.learning_rate, or set config.train.on_nonfinite="
+                            "'skip' to skip such updates")
+                    skipped += 1
+                    log(f"WARNING: {message}; update skipped (config.train.on_nonfinite='skip')")
+                if step % t.log_every == 0 or step == end:
+                    metrics = jax.device_get({k: v for k, v in metrics.items()
+                                              if k not in ("grads_finite", "finite")})
+                    now = time.perf_counter()
+                    step_time = (now - clock) / max(step - clock_step, 1)
+                    clock, clock_step = now, step
+                    writer.write(step, {"train/" + k: v for k, v in metrics.items()} | {
+                        "train/learning_rate": state_lib.learning_rate_schedule(exp)(step - 1),
+                        "train/skipped_steps": skipped,
+                        "perf/step_time_s": step_time, "perf/tokens_per_s": tokens / step_time})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                        tok_s=f"{tokens / step_time:,.0f}",
+                                        step_s=f"{step_time:.3f}")
+                if bar is not None:
+                    bar.update(1)
+                stop = preemption.should_stop(step)
+                if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                    evals = evaluator(ts.state[0])
+                    writer.write(step, evals)
+                    if bar is not None:
+                        bar.write(f"step {step}: " + _fmt(evals))
+                if step % t.checkpoint_every == 0 or step == end or stop:
+                    ckpt_lib.save(mngr, step, ts, exp, data.get_state(), force=step == end or stop)
+                if stop:
+                    stopped_by = preemption.signal_name
+                    break
         if bar is not None:
-            bar.update(1)
-        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+            bar.close()
+            bar = None
+        if start >= t.steps and found.steps:
             evals = evaluator(ts.state[0])
-            writer.write(step, evals)
-            if bar is not None:
-                bar.write(f"step {step}: " + _fmt(evals))
-        if step % t.checkpoint_every == 0 or step == end:
-            ckpt_lib.save(mngr, step, ts, exp, data.get_state(), force=step == end)
-    if bar is not None:
-        bar.close()
-    if start >= t.steps and latest is not None:
-        evals = evaluator(ts.state[0])
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+    finally:
+        if bar is not None:
+            bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
     files = {"checkpoints": ckpt_lib.checkpoint_dir(workdir), "metrics": writer.path,
              "tensorboard": writer.tb_dir}
-    if end == t.steps:
+    if stopped_by is not None:
+        log(f"stopped by {stopped_by} after step {step}: saved step {step} to"
+            f" {ckpt_lib.checkpoint_dir(workdir)}; resume with: "
+            + (command or f"the same command (train() with workdir={workdir!r})"))
+    elif end == t.steps:
         files["figure"] = plot_run(workdir)
-    return RunResult(step=end, losses=[float(x) for x in jax.device_get(losses)],
-                     evals=evals, files=files)
+    return RunResult(step=step if stopped_by else end,
+                     losses=[float(x) for x in jax.device_get(losses)],
+                     evals=evals, files=files, stopped_by=stopped_by, skipped_steps=skipped)
 
 
 def _fmt(evals: dict) -> str:
@@ -118,10 +197,13 @@ def _fmt(evals: dict) -> str:
 
 
 def summary(result: RunResult, workdir: str) -> str:
-    lines = [f"finished at step {result.step} in {os.path.abspath(workdir)}"]
+    how = f"stopped by {result.stopped_by}" if result.stopped_by else "finished"
+    lines = [f"{how} at step {result.step} in {os.path.abspath(workdir)}"]
+    if result.skipped_steps:
+        lines.append(f"  skipped updates (non-finite): {result.skipped_steps}")
     lines += [f"  {k}: {v:.4f}" for k, v in result.evals.items() if "depth" not in k]
     lines += [f"  {name}: {path}" for name, path in result.files.items()]
     return "\n".join(lines)
 
 
-__all__ = ["train", "setup_devices", "run_mesh", "summary", "RunResult"]
+__all__ = ["train", "prepare", "setup_devices", "run_mesh", "summary", "RunResult"]
