@@ -4,8 +4,14 @@
         [--config.train.steps=100 ...]
 
 Resumes from the newest checkpoint in DIR. Writes checkpoints/, metrics.jsonl,
-tb/ (TensorBoard) and summary.png there, and prints where they are.
+tb/ (TensorBoard) and summary.png there, and prints where they are. SIGTERM or
+Ctrl-C saves a checkpoint after the current step and exits 0; run the same
+command to resume. `--dry_run` checks everything and prints the resolved
+config, the mesh and per-device memory, then exits without writing.
 """
+
+import shlex
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -13,6 +19,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:variant]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, figure)")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "check the config and workdir, print the config,"
+                             " mesh and per-device memory, and exit without training or writing")
 # Multi-process (see lca/parallel/distributed.py): the three settings, or --distributed.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS)")
@@ -34,7 +42,13 @@ def main(argv):
                            auto=_DISTRIBUTED.value)
     exp = lca.train.from_config(_CONFIG.value)
     lca.train.setup_devices(exp)
-    result = lca.train.train(exp, _WORKDIR.value, progress=_PROGRESS.value)
+    if _DRY_RUN.value:
+        from lca.train import dry_run  # noqa: PLC0415
+        print(dry_run.describe(exp, _WORKDIR.value))
+        return
+    # SIGTERM/SIGINT: the loop saves a checkpoint, says how to resume, and main returns (exit 0).
+    command = shlex.join([sys.executable, *sys.argv])
+    result = lca.train.train(exp, _WORKDIR.value, progress=_PROGRESS.value, command=command)
     print(lca.train.summary(result, _WORKDIR.value))
 
 
