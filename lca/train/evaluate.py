@@ -45,6 +45,15 @@ def _model_graphdef(model_config):
                                                EvalConfig()))
 
 
+def to_host(x) -> np.ndarray:
+    """The whole value of a global array, on every process (a collective when some of
+    its shards live in other processes: every process must call it)."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 class Evaluator:
     """Compiles one predict function per sequence length and reuses it."""
 
@@ -56,8 +65,8 @@ class Evaluator:
     def _run(self, model_state, batch):
         dev = state_lib.device_batch(batch, self.exp, self.ctx)
         preds, total, weight = self.predict(model_state, dev)
-        preds = from_layout(np.asarray(preds), self.exp.model.layout, self.ctx.sequence_shards)
-        return preds, float(total), float(weight)
+        preds = from_layout(to_host(preds), self.exp.model.layout, self.ctx.sequence_shards)
+        return preds, float(to_host(total)), float(to_host(weight))
 
     def __call__(self, model) -> dict:
         """{name: value} for a model (or its nnx State)."""

@@ -7,19 +7,30 @@ import os
 
 
 class MetricsWriter:
-    """`write(step, {"train/loss": 1.2, ...})` appends one JSON line and TensorBoard scalars."""
+    """`write(step, {"train/loss": 1.2, ...})` appends one JSON line and TensorBoard scalars.
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
-        os.makedirs(workdir, exist_ok=True)
+    In a multi-process run only process 0 writes (`enabled` defaults to that);
+    the others accept the same calls and write nothing.
+    """
+
+    def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool | None = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb_dir = os.path.join(workdir, "tb")
+        self._file = self._tb = None
+        if enabled is None:
+            import jax  # noqa: PLC0415
+            enabled = jax.process_index() == 0
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
         self._file = open(self.path, "a")
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional at import time)
             self._tb = SummaryWriter(self.tb_dir)
 
     def write(self, step: int, scalars: dict) -> None:
+        if self._file is None:
+            return
         values = {k: float(v) for k, v in scalars.items()}
         self._file.write(json.dumps({"step": int(step), **values}) + "\n")
         self._file.flush()
@@ -28,7 +39,8 @@ class MetricsWriter:
                 self._tb.add_scalar(k, v, int(step))
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

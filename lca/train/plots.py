@@ -8,13 +8,19 @@ from lca.train import metrics as metrics_lib
 
 
 def plot_run(workdir: str, path: str | None = None) -> str:
-    """Writes `<workdir>/summary.png` from metrics.jsonl; returns its path."""
+    """Writes `<workdir>/summary.png` from metrics.jsonl; returns its path.
+
+    In a multi-process run only process 0 draws; the others return the path.
+    """
+    import jax
+    path = path or os.path.join(workdir, "summary.png")
+    if jax.process_index() != 0:
+        return path
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = metrics_lib.read(workdir)
-    path = path or os.path.join(workdir, "summary.png")
     train = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))

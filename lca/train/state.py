@@ -85,10 +85,29 @@ def create(exp: Experiment, mesh: Mesh) -> TrainState:
     if exp not in _INITS:
         _INITS.clear()
         _INITS[exp] = jax.jit(lambda: nnx.split(_init_fn(exp)())[1])
-    with jax.default_device(jax.devices()[0]):
+    with jax.default_device(jax.local_devices()[0]):
         state = _INITS[exp]()
-    return TrainState(graphdef, jax.device_put(state, shardings), shardings, mesh,
-                      context(exp, mesh))
+    if jax.process_count() > 1:
+        # Every process initialised the same state from the same seed; each
+        # places the shards of its own devices.
+        state = place(jax.device_get(state), shardings)
+    else:
+        state = jax.device_put(state, shardings)
+    return TrainState(graphdef, state, shardings, mesh, context(exp, mesh))
+
+
+def place(tree, shardings):
+    """Global arrays from host values that every process holds in full (same on all).
+
+    Each process copies only the slices its own devices hold, so this is the
+    one placement for one process and for many (`jax.device_put` of a
+    non-fully-addressable sharding would first compare the value across
+    processes).
+    """
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(put, tree, shardings)
 
 
 def context(exp: Experiment, mesh: Mesh | None) -> sharding_lib.ShardingContext:
@@ -105,12 +124,15 @@ def batch_shardings(batch: dict, ctx: sharding_lib.ShardingContext) -> dict:
 
 
 def device_batch(batch: dict, exp: Experiment, ctx: sharding_lib.ShardingContext) -> dict:
-    """Natural-order NumPy batch -> layout order (the one permutation) -> sharded arrays."""
+    """Natural-order NumPy batch -> layout order (the one permutation) -> sharded arrays.
+
+    Every process passes the same global batch and places its own shards.
+    """
     batch = batches_lib.to_layout(batch, exp.model.layout, ctx.sequence_shards)
     batch = {k: np.asarray(v) for k, v in batch.items() if k in BATCH_FIELDS}
     if ctx.mesh is None:
         return jax.device_put(batch)
-    return jax.device_put(batch, batch_shardings(batch, ctx))
+    return place(batch, batch_shardings(batch, ctx))
 
 
 def forward(model: Transformer, batch: dict, ctx):
