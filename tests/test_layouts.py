@@ -85,3 +85,16 @@ def test_bad_names_and_options():
         layouts.permute(np.zeros((1, 8)), "zigzag", 2, stripe=2)
     with pytest.raises(ValueError, match="num_shards must be a positive integer"):
         layouts.positions(8, "contiguous", 0)
+
+
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
+def test_diagram_work_covers_every_causal_pair_once(layout):
+    from lca.bench import diagrams
+
+    t, n = 32, 4
+    steps = diagrams.step_of_pairs(t, layout, n)
+    assert (steps >= 0).sum() == t * (t + 1) // 2
+    work = diagrams.work_per_step(t, layout, n)
+    assert work.sum() * (t // n) ** 2 == t * (t + 1) // 2
+    # Zigzag's every rank does the same work at every step after the first.
+    assert (np.ptp(work[1:], axis=1) == 0).all() == (layout == "zigzag")
