@@ -2,7 +2,7 @@
 
   python tools/cost_model.py --kernel ring --layout zigzag --seq_len 1048576 --heads 32 \
       --kv_heads 8 --head_dim 128 --devices 256 --hardware tpu_v5p
-  python tools/cost_model.py --plots docs/figures      # the two figures and a CSV
+  python tools/cost_model.py --plots docs/figures      # the two figures and their CSVs
 
 Dimension legend: B batch per device, T sequence length, n devices on the
 sequence axis, L = T / n shard length, H query heads, K kv heads, D head_dim,
@@ -347,8 +347,9 @@ def predict(p: Problem, hardware="tpu_v5p", efficiency=0.5, backward=True):
         comm_b = sum(_message_seconds(s, c, bw, lat) for s, c in wb.values())
         t_fwd, t_bwd = slowest_f + comm_f, slowest_b + comm_b
         hidden = (comm_f == 0, comm_b == 0)
-    if p.kernel == "linear":  # only the state exchange is modelled
+    if p.kernel == "linear":  # only the state exchange is modelled, not the local compute
         t_fwd, t_bwd = np.array([comm_f]), np.array([comm_b])
+        hidden = (None, None)
     total = ff + fb
     critical = total.max(1).sum()
     balance = float(critical / (total.sum() / total.shape[1])) if total.sum() else 1.0
@@ -410,6 +411,10 @@ def _seconds(x):
     return f"{x * 1e9:.3g} ns"
 
 
+_HIDDEN = {True: "hidden under compute", False: "NOT fully hidden",
+           None: "(local compute not modelled for linear attention)"}
+
+
 def format_prediction(r: Prediction) -> str:
     p, hw = r.problem, HARDWARE[r.hardware]
     bw, lat = hw.ring_link(p.devices)
@@ -428,7 +433,7 @@ def format_prediction(r: Prediction) -> str:
                      f" sends {_si(r.bytes_sent[i], 'B')} per device")
         lines.append(f"    compute {_seconds(r.compute_seconds[i])}, communication"
                      f" {_seconds(r.comm_seconds[i])}, step total {_seconds(r.step_seconds[i].sum())};"
-                     f" communication {'hidden' if r.hidden[i] else 'NOT fully hidden'}")
+                     f" communication {_HIDDEN[r.hidden[i]]}")
     lines.append(f"  critical path / ideal (load balance): {r.balance:.3f}")
     lines.append(f"  predicted time: {_seconds(r.seconds)}")
     mem = r.memory
@@ -470,8 +475,15 @@ def overlap_threshold(hardware, efficiency=0.5, devices=256, layout="zigzag", pa
     return lo * grid
 
 
+def _write_csv(path, header, rows):
+    with open(path, "w") as f:
+        f.write(",".join(header) + "\n")
+        for row in rows:
+            f.write(",".join(str(x) for x in row) + "\n")
+
+
 def write_plots(out_dir, efficiency=0.5, devices=256, lengths=PLOT_LENGTHS):
-    """Writes cost_step_time.png, cost_overlap.png and cost_model.csv into `out_dir`."""
+    """Writes cost_step_time.{png,csv} and cost_overlap.{png,csv} into `out_dir`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -482,18 +494,23 @@ def write_plots(out_dir, efficiency=0.5, devices=256, lengths=PLOT_LENGTHS):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, hw in zip(axes, ("tpu_v5p", "h100")):
         for kernel, layout in series:
-            times = []
+            times, too_big = [], []
             for t in lengths:
                 r = predict(Problem(kernel, layout, t, devices=devices, **PLOT_HEADS), hw,
                             efficiency)
                 times.append(r.seconds)
+                if sum(r.memory.values()) > HARDWARE[hw].hbm_bytes:
+                    too_big.append((t, r.seconds))
                 rows.append((hw, kernel, layout, t, devices, r.seconds, *r.compute_seconds,
                              *r.comm_seconds, *r.bytes_sent, r.balance, *r.hidden,
                              r.memory["temporaries"]))
-            ax.loglog(lengths, times, marker="o", ms=3, label=f"{kernel} {layout}")
+            line, = ax.loglog(lengths, times, marker="o", ms=3, label=f"{kernel} {layout}")
+            if too_big:  # one attention layer alone would not fit in HBM
+                ax.plot(*zip(*too_big), "x", ms=10, mew=2, color=line.get_color())
         ideal = [4 * 0.5 * 3.5 * t * t * PLOT_HEADS["heads"] * PLOT_HEADS["head_dim"]
                  / devices / (HARDWARE[hw].peak_flops * efficiency) for t in lengths]
         ax.loglog(lengths, ideal, "k:", label="causal FLOPs / n (ideal)")
+        ax.plot([], [], "kx", ms=8, label="exceeds HBM (one layer)")
         ax.set_title(f"{HARDWARE[hw].name} x {devices}")
         ax.set_xlabel("sequence length (tokens)")
         ax.grid(True, which="both", alpha=0.3)
@@ -505,32 +522,31 @@ def write_plots(out_dir, efficiency=0.5, devices=256, lengths=PLOT_LENGTHS):
     fig.savefig(os.path.join(out_dir, "cost_step_time.png"), dpi=120)
     plt.close(fig)
 
-    names = list(HARDWARE)
+    _write_csv(os.path.join(out_dir, "cost_step_time.csv"),
+               ("hardware", "kernel", "layout", "seq_len", "devices", "seconds", "compute_fwd_s",
+                "compute_bwd_s", "comm_fwd_s", "comm_bwd_s", "bytes_fwd", "bytes_bwd", "balance",
+                "hidden_fwd", "hidden_bwd", "temp_bytes"), rows)
+
+    names, rows = list(HARDWARE), []
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.38
     for i, pass_ in enumerate(("forward", "backward")):
         values = [overlap_threshold(h, efficiency, devices, pass_=pass_) or 0 for h in names]
-        for h, v in zip(names, values):
-            rows.append((h, "ring", "zigzag", v * devices, devices, "overlap_threshold", pass_,
-                         v, "", "", "", "", "", "", ""))
+        rows += [(h, pass_, devices, v) for h, v in zip(names, values)]
         bars = ax.bar(np.arange(len(names)) + (i - 0.5) * width, values, width, label=pass_)
         ax.bar_label(bars, fontsize=7)
     ax.set_xticks(np.arange(len(names)), [HARDWARE[h].name for h in names], fontsize=8)
     ax.set_ylabel("smallest shard length L (tokens)")
-    ax.set_title(f"ring hides every K/V hop from L = ... (zigzag, {devices} chips, heads 32/8,"
-                 f" head_dim 128, bf16, efficiency {efficiency})", fontsize=8)
+    ax.set_title(f"smallest shard length from which every K/V hop hides under its step\n"
+                 f"(ring, zigzag, {devices} chips, heads 32/8, head_dim 128, bf16,"
+                 f" efficiency {efficiency})", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "cost_overlap.png"), dpi=120)
     plt.close(fig)
 
-    header = ("hardware,kernel,layout,seq_len,devices,seconds,compute_fwd_s,compute_bwd_s,"
-              "comm_fwd_s,comm_bwd_s,bytes_fwd,bytes_bwd,balance,hidden_fwd,hidden_bwd,temp_bytes")
-    with open(os.path.join(out_dir, "cost_model.csv"), "w") as f:
-        f.write(header + "\n")
-        for row in rows:
-            f.write(",".join(str(x) for x in row) + "\n")
-    return rows
+    _write_csv(os.path.join(out_dir, "cost_overlap.csv"),
+               ("hardware", "pass", "devices", "smallest_shard_len"), rows)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -558,7 +574,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.plots:
         write_plots(args.plots, args.efficiency)
-        print(f"wrote cost_step_time.png, cost_overlap.png, cost_model.csv to {args.plots}")
+        print(f"wrote cost_step_time.png/.csv and cost_overlap.png/.csv to {args.plots}")
         return
     p = Problem(args.kernel, args.layout, args.seq_len, args.heads, args.kv_heads, args.head_dim,
                 args.devices, args.batch, args.itemsize, window=args.window,
