@@ -23,7 +23,7 @@ from lca.train import checkpoint as ckpt_lib
 from lca.train import state as state_lib
 from lca.train.config import Experiment
 from lca.train.evaluate import make_task
-from lca.train.loop import prepare
+from lca.train.loop import _compile_key, prepare
 
 
 def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -57,7 +57,8 @@ def estimate(exp: Experiment, mesh) -> dict:
     graphdef, abstract, shardings = state_lib.abstract_state(exp, mesh)
     ts = state_lib.TrainState(graphdef, abstract, shardings, mesh, state_lib.context(exp, mesh))
     seq_len = max([exp.data.seq_len] + [n for n, _ in exp.data.curriculum])
-    step = state_lib.make_train_step(ts)
+    # The run's own jit function, so that a run in this process can reuse the compilation.
+    step = state_lib.make_train_step(ts, _compile_key(exp))
     m = step.lower(abstract, _abstract_batch(exp, ts.ctx, seq_len)).compile().memory_analysis()
     params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract[0]))
     return {"param_count": params, "seq_len": seq_len,

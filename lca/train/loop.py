@@ -84,6 +84,12 @@ def _resume(mngr, found, ts, exp, data, workdir, log):
     return ts, 0
 
 
+def _compile_key(exp: Experiment) -> Experiment:
+    """`exp` without the options only the host reads, so that runs differing in them
+    share the per-process caches of compiled initialisers and train steps."""
+    return dataclasses.replace(exp, train=dataclasses.replace(exp.train, on_nonfinite="stop"))
+
+
 def nonfinite_message(step: int, metrics: dict, ts) -> str:
     """'step N: non-finite loss ...; first non-finite gradient in <path>'."""
     flags = jax.device_get(metrics["grads_finite"])
@@ -112,11 +118,12 @@ def train(exp: Experiment, workdir: str, *, progress: bool = True, stop_at: int 
     """
     t, workdir = exp.train, os.path.abspath(workdir)
     mesh, found = prepare(exp, workdir, log)
-    ts = state_lib.create(exp, mesh)
+    compiled = _compile_key(exp)
+    ts = state_lib.create(compiled, mesh)
     mngr = ckpt_lib.manager(workdir, exp)
     data = train_batches(exp)
     ts, start = _resume(mngr, found, ts, exp, data, workdir, log)
-    step_fn = state_lib.make_train_step(ts, exp)
+    step_fn = state_lib.make_train_step(ts, compiled)
     evaluator = Evaluator(exp, ts.ctx)
     writer = MetricsWriter(workdir)
     end = t.steps if stop_at is None else min(stop_at, t.steps)
