@@ -79,7 +79,8 @@ def test_signal_checkpoints_the_current_step_and_a_restart_reproduces_the_run(
     monkeypatch.undo()
     assert (first.stopped_by, first.step, len(first.losses)) == (sig.name, 3, 3)
     assert steps_in(workdir) == ["3"]
-    assert f"saved step 3 to {checkpoint_dir(workdir)}; resume with: CMD --workdir W" in messages[-1]
+    assert (f"saved step 3 to {checkpoint_dir(workdir)}; resume with: CMD --workdir W"
+            in messages[-1])
     assert signal.getsignal(sig) is handler_before
     second = train(exp, workdir, progress=False, log=quiet)
     np.testing.assert_allclose(first.losses + second.losses, full.losses, rtol=1e-6, atol=0)

@@ -210,7 +210,8 @@ def validate(exp: Experiment, num_devices: int | None = None) -> None:
         try:
             layouts.check_layout(length, m.layout, shards)
         except ValueError as e:
-            raise ValueError(f"config.data.seq_len / curriculum / config.eval.lengths: {e}") from None
+            raise ValueError(
+                f"config.data.seq_len / curriculum / config.eval.lengths: {e}") from None
     for axis in ("heads", "kv_heads"):
         n = math.prod(sizes.get(a, 1) for a in _axes_of(exp.activation_rules, axis))
         if getattr(m, axis) % n:
@@ -223,14 +224,16 @@ def _check_ranges(exp: Experiment) -> None:
     m, d, t, ev = exp.model, exp.data, exp.train, exp.eval
     at_least = [(f"config.model.{k}", getattr(m, k), 1)
                 for k in ("vocab_size", "embed", "layers", "heads", "kv_heads", "head_dim", "mlp")]
-    at_least += [("config.data.seq_len", d.seq_len, 1), ("config.data.vocab_size", d.vocab_size, 1),
+    at_least += [("config.data.seq_len", d.seq_len, 1),
+                 ("config.data.vocab_size", d.vocab_size, 1),
                  ("config.train.steps", t.steps, 1), ("config.train.batch_size", t.batch_size, 1),
                  ("config.train.warmup_steps", t.warmup_steps, 0),
                  ("config.train.log_every", t.log_every, 1),
                  ("config.train.eval_every", t.eval_every, 0),
                  ("config.train.checkpoint_every", t.checkpoint_every, 1),
                  ("config.train.keep_checkpoints", t.keep_checkpoints, 1),
-                 ("config.eval.batch_size", ev.batch_size, 1), ("config.eval.batches", ev.batches, 1),
+                 ("config.eval.batch_size", ev.batch_size, 1),
+                 ("config.eval.batches", ev.batches, 1),
                  ("config.cpu_devices", exp.cpu_devices, 0)]
     for name, value, low in at_least:
         if not isinstance(value, int) or value < low:
@@ -239,10 +242,9 @@ def _check_ranges(exp: Experiment) -> None:
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= MAX_LEARNING_RATE):
         raise ValueError(f"config.train.learning_rate is {lr!r}; it must be in"
                          f" (0, {MAX_LEARNING_RATE}] (e.g. 1e-3)")
-    unit = [("config.train.b1", t.b1), ("config.train.b2", t.b2)]
-    for name, value in unit:
+    for name, value in (("b1", t.b1), ("b2", t.b2)):
         if not 0 <= value < 1:
-            raise ValueError(f"config.train.{name.rsplit('.', 1)[1]} is {value!r}; it must be in [0, 1)")
+            raise ValueError(f"config.train.{name} is {value!r}; it must be in [0, 1)")
     if not 0 <= t.end_learning_rate_fraction <= 1:
         raise ValueError(f"config.train.end_learning_rate_fraction is"
                          f" {t.end_learning_rate_fraction!r}; it must be in [0, 1]")
