@@ -172,7 +172,7 @@ def load_ringattention():
     return module
 
 
-def _ringattention_fn(module, mesh, axis, causal, block, groups):
+def ringattention_fn(module, mesh, axis, causal, block, groups):
     """Natural-order (q, k, v) -> out through the package's ring; K/V repeated for GQA."""
     options = dict(causal_block_size=1 if causal else None, query_chunk_size=block,
                    key_chunk_size=block, deterministic=True, dropout_rng=None, attn_pdrop=0.0,
@@ -204,7 +204,7 @@ class Run:
     vs_ringattention: float | None = None
 
 
-def _lca_fn(mesh, axis, impl, layout, causal, block):
+def lca_fn(mesh, axis, impl, layout, causal, block):
     blocks = {} if block is None else {"block_q": block, "block_k": block}
     return functools.partial(attention_in_layout, mesh=mesh, axis=axis, impl=impl,
                              layout=layout, causal=causal, **blocks)
@@ -212,12 +212,12 @@ def _lca_fn(mesh, axis, impl, layout, causal, block):
 
 def _candidates(mesh, axis, layout_names, causal, block, groups, module, shard_len):
     """(impl, layout, fn taking layout-order arrays) for every implementation timed."""
-    out = [("ring", name, _lca_fn(mesh, axis, "ring", name, causal, block))
+    out = [("ring", name, lca_fn(mesh, axis, "ring", name, causal, block))
            for name in layout_names]
-    out.append(("allgather", "zigzag", _lca_fn(mesh, axis, "allgather", "zigzag", causal, block)))
+    out.append(("allgather", "zigzag", lca_fn(mesh, axis, "allgather", "zigzag", causal, block)))
     if module is not None:
         out.append(("ringattention", "contiguous",
-                    _ringattention_fn(module, mesh, axis, causal,
+                    ringattention_fn(module, mesh, axis, causal,
                                       min(block or RINGATTENTION_CHUNK, shard_len), groups)))
     return out
 

@@ -1,0 +1,112 @@
+"""Figures of the benchmark suite: time and compiled memory against length, log-log.
+
+One PNG per part (`bench_<part>.png`): rows are forward and forward+backward,
+columns are median time (error bars: the min-max spread of the repeats) and
+temporary memory per device. A point over the memory budget has no time; its
+compiled memory is drawn hollow. The mesh part adds `bench_mesh_sizes.png`:
+time against the number of devices at one length.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lca.bench.suite import MODES  # noqa: E402
+
+
+def _label(p):
+    layout = "" if p.layout == "-" else f" {p.layout}"
+    n = f" n={p.n}" if p.n > 1 else ""
+    return f"{p.impl}{layout}{n} h{p.heads}/{p.kv_heads}"
+
+
+def _series(points):
+    """{label: points sorted by length}, for series with a point at two lengths or more."""
+    series = collections.defaultdict(list)
+    for p in points:
+        series[_label(p)].append(p)
+    return {k: sorted(v, key=lambda p: p.seq_len) for k, v in series.items()
+            if len({p.seq_len for p in v}) > 1}
+
+
+def plot_part(points, part, path):
+    rows = [p for p in points if p.part == part]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(MODES), 2, figsize=(13, 4.5 * len(MODES)), squeeze=False)
+    for i, mode in enumerate(MODES):
+        series = _series([p for p in rows if p.mode == mode])
+        for j, (label, ps) in enumerate(sorted(series.items())):
+            style = dict(color=f"C{j % 10}", linestyle="-" if ps[0].heads == ps[0].kv_heads
+                         else "--")
+            ran = [p for p in ps if p.seconds is not None]
+            if ran:
+                axes[i, 0].errorbar([p.seq_len for p in ran], [p.seconds for p in ran],
+                                    yerr=[[p.seconds - p.seconds_min for p in ran],
+                                          [p.seconds_max - p.seconds for p in ran]],
+                                    marker="o", label=label, capsize=2, **style)
+            axes[i, 1].plot([p.seq_len for p in ps], [p.temp_bytes / 2**20 for p in ps],
+                            marker="o", label=label, **style)
+            over = [p for p in ps if not p.fits]
+            axes[i, 1].plot([p.seq_len for p in over], [p.temp_bytes / 2**20 for p in over],
+                            "o", markerfacecolor="white", markersize=10, color=style["color"])
+        for j, what in enumerate(("median seconds", "temporary MiB per device")):
+            ax = axes[i, j]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length T")
+            ax.set_ylabel(what)
+            ax.set_title(f"{part}: {mode}, {what}")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[i, 0].legend(fontsize=7)
+    fig.suptitle("hollow: over the memory budget, not run; dashed: grouped-query heads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_mesh_sizes(points, path):
+    rows = [p for p in points if p.part == "mesh" and p.seconds is not None]
+    lengths = collections.Counter(p.seq_len for p in rows if p.n != max(p.n for p in rows))
+    if not lengths:
+        return None
+    seq_len = lengths.most_common(1)[0][0]
+    fig, axes = plt.subplots(1, len(MODES), figsize=(13, 4.5), squeeze=False)
+    for i, mode in enumerate(MODES):
+        series = collections.defaultdict(list)
+        for p in rows:
+            if p.mode == mode and p.seq_len == seq_len:
+                series[_label(p).split(" n=")[0]].append(p)
+        for j, (label, ps) in enumerate(sorted(series.items())):
+            ps = sorted(ps, key=lambda p: p.n)
+            if len(ps) > 1:
+                axes[0, i].plot([p.n for p in ps], [p.seconds for p in ps], marker="o",
+                                label=label, color=f"C{j % 10}")
+        ax = axes[0, i]
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("devices on the sequence axis n (emulated, sharing the CPU cores)")
+        ax.set_ylabel("median seconds")
+        ax.set_title(f"mesh: {mode}, T={seq_len}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(points, out_dir):
+    """Every suite figure for `points` into out_dir; returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [plot_part(points, part, os.path.join(out_dir, f"bench_{part}.png"))
+             for part in sorted({p.part for p in points})]
+    paths.append(plot_mesh_sizes(points, os.path.join(out_dir, "bench_mesh_sizes.png")))
+    return [p for p in paths if p]

@@ -1,0 +1,56 @@
+"""The benchmark suite's rows: columns, compile-time figures that repeat, a wrong kernel caught."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import pytest
+
+from lca.bench import records, suite
+
+GRID = suite.Grid(single_lens=(128,), heads=((2, 2),), mesh_lens=(), mesh_sizes=(),
+                  mesh_sizes_len=0, linear_lens=(), linear_parallel_len=0, repeats=1,
+                  head_dim=16, check_len=64)
+
+
+def _zeros(mesh, layout, small):
+    return lambda q, k, v: jnp.zeros_like(q)
+
+
+KERNELS = {"single": {"xla": suite.default_kernels()["single"]["xla"],
+                      "zeros": suite.Kernel("softmax", _zeros)}}
+
+
+@pytest.fixture(scope="module")
+def two_runs():
+    return [suite.run(GRID, ("single",), kernels=KERNELS, peak=1e11, progress=False)[0]
+            for _ in range(2)]
+
+
+def test_csv_has_one_row_per_point_with_every_column(two_runs, tmp_path):
+    path = tmp_path / "bench_suite.csv"
+    records.write_csv(path, two_runs[0], {"matmul_peak_gflops": 100.0})
+    header = path.read_text().splitlines()[0].split(",")
+    assert header == [f.name for f in dataclasses.fields(records.Point)] + ["matmul_peak_gflops"]
+    assert records.read_points(path) == two_runs[0]
+    assert {(p.impl, p.mode) for p in two_runs[0]} == {
+        (impl, mode) for impl in ("xla", "zeros") for mode in suite.MODES}
+
+
+def test_flops_and_memory_are_positive_integers_identical_across_runs(two_runs):
+    first, second = ([(p.impl, p.mode, p.flops, p.temp_bytes, p.fits) for p in run]
+                     for run in two_runs)
+    assert first == second
+    for p in two_runs[0]:
+        assert isinstance(p.flops, int) and p.flops > 0
+        assert isinstance(p.temp_bytes, int) and p.temp_bytes >= 0
+        assert p.seconds_min <= p.seconds <= p.seconds_max
+
+
+def test_a_wrong_kernel_gets_a_large_error_beside_its_time(two_runs):
+    for p in two_runs[0]:
+        assert p.seconds is not None and p.check_len == GRID.check_len
+        if p.impl == "zeros":
+            assert p.max_rel_error > 0.5, p
+        else:
+            assert p.max_rel_error < 2e-5, p
+            assert p.vs_baseline == 1.0
