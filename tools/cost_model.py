@@ -39,8 +39,6 @@ Not counted: softmax exponentials and other elementwise work, HBM traffic,
 per-tile launch overheads, link contention, and the torus mapping of a ring.
 """
 
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import functools
