@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import lca
-from lca.bench import timing
+from lca.bench import records, timing
 
 
 @dataclasses.dataclass
@@ -93,9 +93,4 @@ def format_table(rows, peak) -> str:
 
 
 def write_csv(rows, peak, path):
-    fields = [f.name for f in dataclasses.fields(Row)] + ["matmul_peak_gflops"]
-    with open(path, "w") as f:
-        f.write(",".join(fields) + "\n")
-        for r in rows:
-            values = [getattr(r, name) for name in fields[:-1]] + [peak / 1e9]
-            f.write(",".join("" if x is None else str(x) for x in values) + "\n")
+    records.write_csv(path, rows, {"matmul_peak_gflops": peak / 1e9})

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 import lca
-from lca.bench import timing
+from lca.bench import records, timing
 from lca.parallel import make_mesh
 from lca.parallel.linear import attention_in_layout_linear
 
@@ -81,26 +79,11 @@ def _compile(fn, args, budget):
 
 
 def _round_robin(points, repeats, desc, min_seconds=0.25):
-    """{key: median seconds per call}; points: {key: (compiled, args)}.
-
-    One warm-up call each; a point faster than `min_seconds` is called back
-    to back enough times per round to take about that long, so short points
-    are not just timer and scheduling noise.
-    """
-    calls = {}
-    for key, (compiled, args) in points.items():
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        calls[key] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6)))
-    times = {key: [] for key in points}
-    for _ in tqdm(range(repeats), desc=desc, unit="round"):
-        for key, (compiled, args) in points.items():
-            start = time.perf_counter()
-            for _ in range(calls[key]):
-                out = compiled(*args)
-            jax.block_until_ready(out)
-            times[key].append((time.perf_counter() - start) / calls[key])
-    return {key: statistics.median(t) for key, t in times.items()}
+    """{key: median seconds per call}; points: {key: (compiled, args)}; see timing.round_robin."""
+    with tqdm(total=repeats, desc=desc, unit="round") as bar:
+        times = timing.round_robin(points, repeats, min_seconds=min_seconds,
+                                   on_round=bar.update)
+    return {key: median for key, (median, _, _) in times.items()}
 
 
 def _budget(memory_budget):
@@ -213,9 +196,4 @@ def format_table(rows) -> str:
 
 
 def write_csv(rows, path):
-    fields = [f.name for f in dataclasses.fields(Row)]
-    with open(path, "w") as f:
-        f.write(",".join(fields) + "\n")
-        for r in rows:
-            f.write(",".join("" if getattr(r, n) is None else str(getattr(r, n))
-                             for n in fields) + "\n")
+    records.write_csv(path, rows)

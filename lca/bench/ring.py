@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import statistics
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from lca import layouts
-from lca.bench import timing
+from lca.bench import records, timing
 from lca.kernels import blockwise, ring
 from lca.kernels import masks as masks_lib
 from lca.parallel import attention_in_layout, make_mesh
@@ -233,8 +232,7 @@ def check_against_reference(mesh, axis="sequence", *, seq_len=256, heads=4, kv_h
                             seed=0):
     """Max relative output error of every timed implementation at a small size.
 
-    Against the dense float32 reference (float64 needs jax_enable_x64, which
-    the benchmark leaves off).
+    Against the dense float64 reference (float32 inputs to the implementations).
     """
     import lca  # the dense reference
 
@@ -244,7 +242,9 @@ def check_against_reference(mesh, axis="sequence", *, seq_len=256, heads=4, kv_h
     q = rng.standard_normal((1, seq_len, heads, head_dim)).astype(np.float32)
     k, v = (rng.standard_normal((1, seq_len, kv_heads, head_dim)).astype(np.float32)
             for _ in range(2))
-    ref = np.asarray(lca.attention(q, k, v, impl="reference", causal=causal))
+    with jax.enable_x64(True):
+        ref = np.asarray(lca.attention(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)),
+                                       impl="reference", causal=causal))
     errors = {}
     for impl, name, fn in _candidates(mesh, axis, layout_names, causal, block,
                                       heads // kv_heads, module, seq_len // n):
@@ -275,20 +275,15 @@ def end_to_end(seq_len=16384, head_configs=((4, 4), (8, 2)), layout_names=layout
         normal = lambda h: jax.device_put(jnp.asarray(
             rng.standard_normal((1, seq_len, h, head_dim)), jnp.float32), sharding)
         q, k, v, ct = normal(heads), normal(kv_heads), normal(kv_heads), normal(heads)
-        steps = []
+        steps = {}
         for impl, name, fn in _candidates(mesh, axis, layout_names, causal, block,
                                           heads // kv_heads, module, seq_len // num_devices):
-            step = _step(fn).lower(q, k, v, ct).compile()
-            jax.block_until_ready(step(q, k, v, ct))  # warm-up
-            steps.append((impl, name, step))
+            steps[impl, name] = (_step(fn).lower(q, k, v, ct).compile(), (q, k, v, ct))
             bar.update()
-        times = [[] for _ in steps]
-        for _ in range(repeats):
-            for (_, _, step), t in zip(steps, times):
-                t.append(_time(step, q, k, v, ct, repeats=1))
-                bar.update()
-        runs += [Run(impl, name, heads, kv_heads, statistics.median(t))
-                 for (impl, name, _), t in zip(steps, times)]
+        times = timing.round_robin(steps, repeats, min_seconds=0.0,
+                                   on_round=lambda: bar.update(len(steps)))
+        runs += [Run(impl, name, heads, kv_heads, median)
+                 for (impl, name), (median, _, _) in times.items()]
         del steps, q, k, v, ct
     bar.close()
     for r in runs:
@@ -310,10 +305,4 @@ def format_runs(runs, seq_len, num_devices):
 
 
 def write_csv(path, rows):
-    rows = list(rows)
-    fields = [f.name for f in dataclasses.fields(rows[0])]
-    with open(path, "w") as f:
-        f.write(",".join(fields) + "\n")
-        for r in rows:
-            f.write(",".join("" if getattr(r, x) is None else str(getattr(r, x))
-                             for x in fields) + "\n")
+    records.write_csv(path, rows)
