@@ -45,7 +45,8 @@ def base_config():
     c.train = ml_collections.ConfigDict(dict(
         steps=600, batch_size=16, learning_rate=3e-3, warmup_steps=50,
         end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
-        log_every=20, eval_every=200, checkpoint_every=200, keep_checkpoints=2))
+        log_every=20, eval_every=200, checkpoint_every=200, keep_checkpoints=2,
+        on_nonfinite="stop"))  # or "skip": a non-finite loss/gradient skips the update
     c.eval = ml_collections.ConfigDict(dict(batch_size=32, batches=4, lengths=(256, 512, 1024),
                                             depth_bins=10))
     return c
