@@ -56,7 +56,8 @@ def balance(cm, seq_len, num_shards, repeats, heads=2, kv_heads=2, head_dim=64):
         f, b = cm.step_flops(cm.Problem("ring", name, seq_len, heads, kv_heads, head_dim,
                                         num_shards, itemsize=4))
         predicted[name] = float((f + b).max(1).sum())
-    print(f"\n{'layout':>11} {'measured x contig':>17} {'predicted x contig':>18} {'difference':>10}")
+    print(f"\n{'layout':>11} {'measured x contig':>17} {'predicted x contig':>18}"
+          f" {'difference':>10}")
     for r in rows:
         pred = predicted[r.layout] / predicted["contiguous"]
         print(f"{r.layout:>11} {r.vs_contiguous:17.3f} {pred:18.3f}"

@@ -192,7 +192,8 @@ class HloCounts:
                 branches = re.search(r"branch_computations=\{([^}]*)\}", line).group(1)
                 branches = [b.strip().lstrip("%") for b in branches.split(",")]
                 if len(branches) == 3:  # SKIP / MASKED / FULL
-                    self.tile_switches.append((backward, times, [self._flops(b) for b in branches]))
+                    flops = [self._flops(b) for b in branches]
+                    self.tile_switches.append((backward, times, flops))
                     continue
                 for b in branches:  # the shard pair's skip-or-compute: each at most once
                     self._walk(b, times, True)
@@ -271,7 +272,7 @@ def hlo_flops(hlo, p, schedule, steps):
 
 @pytest.fixture(scope="module")
 def compiled_softmax():
-    """Compiled HLO per (kernel, n); positions are an argument, so one program serves every layout."""
+    """Compiled HLO per (kernel, n); positions are an argument: one program for every layout."""
     cache = {}
 
     def get(kernel, n):

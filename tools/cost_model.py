@@ -187,8 +187,9 @@ def block_extremes(pos, block):
     length = pos.shape[-1]
     nb = -(-length // block)
     pad = nb * block - length
-    lo = np.pad(pos, [(0, 0)] * (pos.ndim - 1) + [(0, pad)], constant_values=np.iinfo(np.int64).max)
-    hi = np.pad(pos, [(0, 0)] * (pos.ndim - 1) + [(0, pad)], constant_values=np.iinfo(np.int64).min)
+    widths = [(0, 0)] * (pos.ndim - 1) + [(0, pad)]
+    lo = np.pad(pos, widths, constant_values=np.iinfo(np.int64).max)
+    hi = np.pad(pos, widths, constant_values=np.iinfo(np.int64).min)
     shape = pos.shape[:-1] + (nb, block)
     padded = np.zeros(nb, bool)
     padded[-1] = pad > 0
@@ -430,7 +431,8 @@ def format_prediction(r: Prediction) -> str:
                      f" average, slowest rank per step {_si(flops.max(1).max(), 'FLOP')};"
                      f" sends {_si(r.bytes_sent[i], 'B')} per device")
         lines.append(f"    compute {_seconds(r.compute_seconds[i])}, communication"
-                     f" {_seconds(r.comm_seconds[i])}, step total {_seconds(r.step_seconds[i].sum())};"
+                     f" {_seconds(r.comm_seconds[i])},"
+                     f" step total {_seconds(r.step_seconds[i].sum())};"
                      f" communication {_HIDDEN[r.hidden[i]]}")
     lines.append(f"  critical path / ideal (load balance): {r.balance:.3f}")
     lines.append(f"  predicted time: {_seconds(r.seconds)}")
