@@ -190,22 +190,23 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_the_previous_one(driven)
     assert os.path.isdir(os.path.join(kept, "model"))  # set aside, not deleted
 
 
-def test_truncated_checkpoint_file_is_skipped_with_a_warning(tmp_path):
+@pytest.mark.parametrize("damaged", ["model/d/*", "config/metadata"])
+def test_truncated_checkpoint_file_is_skipped_with_a_warning(damaged, tmp_path):
     source, full = smoke_run()
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
-    data_file = max(glob.glob(os.path.join(checkpoint_dir(workdir), "8", "model", "d", "*")),
+    data_file = max(glob.glob(os.path.join(checkpoint_dir(workdir), "8", damaged)),
                     key=os.path.getsize)
     half = os.path.getsize(data_file) // 2
     with open(data_file, "r+b") as f:
         f.truncate(half)
     messages = []
     resumed = train(experiment(), workdir, progress=False, log=messages.append)
-    warning = next(m for m in messages if m.startswith("WARNING"))
+    warning = next(m for m in messages if m.startswith("WARNING: skipping"))
     assert "unreadable" in warning and os.path.join(checkpoint_dir(workdir), "8") in warning
     assert f"resumed from {checkpoint_dir(workdir)} at step 4" in messages
     np.testing.assert_allclose(resumed.losses, full.losses[4:], rtol=1e-6, atol=0)
-    kept = os.path.join(workdir, UNUSABLE_DIR, "8", "model", "d", os.path.basename(data_file))
+    kept = os.path.join(workdir, UNUSABLE_DIR, os.path.relpath(data_file, checkpoint_dir(workdir)))
     assert os.path.getsize(kept) == half  # set aside as it was, not deleted
 
 

@@ -65,6 +65,7 @@ class Found:
     """What `scan` saw under `checkpoints/`: complete steps (newest first) and interrupted saves."""
     steps: list
     incomplete: list       # paths of `<step>.orbax-checkpoint-tmp*` directories
+    unreadable: dict = dataclasses.field(default_factory=dict)  # step -> why (its config)
 
 
 def scan(workdir: str) -> Found:
@@ -76,8 +77,15 @@ def scan(workdir: str) -> Found:
     return Found(steps, [os.path.join(root, n) for n in names if TMP_MARK in n])
 
 
+def why(error: Exception) -> str:
+    """A one-line account of an exception (Orbax/TensorStore messages run to pages)."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+
+
 def newest_readable_config(workdir: str, found: Found, log=print):
-    """(Experiment, step) of the newest checkpoint whose config reads, or (None, None)."""
+    """(Experiment, step) of the newest checkpoint whose config reads, or (None, None).
+
+    Steps whose config does not read are noted in `found.unreadable`."""
     if not found.steps:
         return None, None
     mngr = manager(workdir, read_only=True)
@@ -86,8 +94,9 @@ def newest_readable_config(workdir: str, found: Found, log=print):
             try:
                 return read_config(mngr, step), step
             except Exception as e:  # noqa: BLE001 (any failure to read means: not usable)
+                found.unreadable[step] = why(e)
                 log(f"WARNING: the config of checkpoint step {step} does not read"
-                    f" ({type(e).__name__}: {e}); trying an older one")
+                    f" ({found.unreadable[step]}); trying an older one")
     finally:
         mngr.close()
     return None, None

@@ -68,14 +68,18 @@ def _resume(mngr, found, ts, exp, data, workdir, log):
     for path in found.incomplete:
         ckpt_lib.set_aside(workdir, path, "incomplete (a save was interrupted)", log)
     for step in found.steps:
-        try:
-            ts, data_state = ckpt_lib.restore_train(mngr, step, ts, exp)
-        except Exception as e:  # noqa: BLE001 (any failure to read back means: not usable)
-            ckpt_lib.set_aside(
-                workdir, os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)),
-                f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:300]})", log)
+        why = found.unreadable.get(step)
+        if why is None:
+            try:
+                ts_restored, data_state = ckpt_lib.restore_train(mngr, step, ts, exp)
+            except Exception as e:  # noqa: BLE001 (any failure to read back means: not usable)
+                why = ckpt_lib.why(e)
+        if why is not None:
+            ckpt_lib.set_aside(workdir, os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)),
+                               f"unreadable ({why})", log)
             mngr.reload()
             continue
+        ts = ts_restored
         data.set_state(data_state)
         log(f"resumed from {ckpt_lib.checkpoint_dir(workdir)} at step {step}")
         return ts, step
