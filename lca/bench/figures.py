@@ -64,7 +64,7 @@ def run_suite(out_dir, grid, parts, *, progress=True, kernels=None):
 
     points, peak = suite.run(grid, parts, progress=progress, kernels=kernels, on_group=save)
     save(points, peak)
-    print(f"matmul peak (2048x2048 float32, measured at the start of this run):"
+    print(f"matmul peak (2048x2048 float32, fastest at the start and end of this run):"
           f" {peak / 1e9:.1f} GFLOP/s")
     print(records.format_points(points))
     print(summary.key_figures(points))

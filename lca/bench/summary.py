@@ -28,7 +28,7 @@ def single_device(points):
                 if xla is None or blk is None or blk.seconds is None:
                     continue
                 speed = f"{xla.seconds / blk.seconds:.2f}x" if xla.seconds else "xla does not fit"
-                parts.append(f"T={t}: {speed}, memory /{xla.temp_bytes / blk.temp_bytes:.0f}")
+                parts.append(f"T={t}: {speed}, memory /{xla.temp_bytes / blk.temp_bytes:.1f}")
             if parts:
                 lines.append(f"blockwise vs xla, h{h}/{kv} {mode}: " + "; ".join(parts))
             fit = [t for t in lens if key("xla", t) in at and at[key("xla", t)].fits]
