@@ -16,14 +16,24 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from lca.bench.suite import MODES  # noqa: E402
+
+
+def _length(x, _):
+    return f"{x / 1024:g}k" if x >= 1024 else f"{x:g}"
 
 
 def _label(p):
     layout = "" if p.layout == "-" else f" {p.layout}"
     n = f" n={p.n}" if p.n > 1 else ""
     return f"{p.impl}{layout}{n} h{p.heads}/{p.kv_heads}"
+
+
+def _color(p, names):
+    """One colour per kernel and layout, in every panel: names is the sorted list of them."""
+    return f"C{names.index((p.impl, p.layout)) % 10}"
 
 
 def _series(points):
@@ -39,12 +49,13 @@ def plot_part(points, part, path):
     rows = [p for p in points if p.part == part]
     if not rows:
         return None
+    names = sorted({(p.impl, p.layout) for p in rows})
     fig, axes = plt.subplots(len(MODES), 2, figsize=(13, 4.5 * len(MODES)), squeeze=False)
     for i, mode in enumerate(MODES):
         series = _series([p for p in rows if p.mode == mode])
-        for j, (label, ps) in enumerate(sorted(series.items())):
-            style = dict(color=f"C{j % 10}", linestyle="-" if ps[0].heads == ps[0].kv_heads
-                         else "--")
+        for label, ps in sorted(series.items()):
+            style = dict(color=_color(ps[0], names),
+                         linestyle="-" if ps[0].heads == ps[0].kv_heads else "--")
             ran = [p for p in ps if p.seconds is not None]
             if ran:
                 axes[i, 0].errorbar([p.seq_len for p in ran], [p.seconds for p in ran],
@@ -60,11 +71,13 @@ def plot_part(points, part, path):
             ax = axes[i, j]
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_length))
             ax.set_xlabel("sequence length T")
             ax.set_ylabel(what)
             ax.set_title(f"{part}: {mode}, {what}")
             ax.grid(True, which="both", alpha=0.3)
-        axes[i, 0].legend(fontsize=7)
+        if axes[i, 0].get_legend_handles_labels()[0]:
+            axes[i, 0].legend(fontsize=7)
     fig.suptitle("hollow: over the memory budget, not run; dashed: grouped-query heads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -78,17 +91,18 @@ def plot_mesh_sizes(points, path):
     if not lengths:
         return None
     seq_len = lengths.most_common(1)[0][0]
+    names = sorted({(p.impl, p.layout) for p in rows})
     fig, axes = plt.subplots(1, len(MODES), figsize=(13, 4.5), squeeze=False)
     for i, mode in enumerate(MODES):
         series = collections.defaultdict(list)
         for p in rows:
             if p.mode == mode and p.seq_len == seq_len:
-                series[_label(p).split(" n=")[0]].append(p)
-        for j, (label, ps) in enumerate(sorted(series.items())):
+                series[p.impl, p.layout, p.heads, p.kv_heads].append(p)
+        for (impl, layout, h, kv), ps in sorted(series.items()):
             ps = sorted(ps, key=lambda p: p.n)
             if len(ps) > 1:
                 axes[0, i].plot([p.n for p in ps], [p.seconds for p in ps], marker="o",
-                                label=label, color=f"C{j % 10}")
+                                label=f"{impl} {layout} h{h}/{kv}", color=_color(ps[0], names))
         ax = axes[0, i]
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -96,7 +110,8 @@ def plot_mesh_sizes(points, path):
         ax.set_ylabel("median seconds")
         ax.set_title(f"mesh: {mode}, T={seq_len}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -149,7 +149,7 @@ class Grid:
     check_len: int = 256
 
 
-QUICK = Grid(single_lens=(512, 1024, 2048), heads=((4, 4), (8, 2)), mesh_lens=(2048,),
+QUICK = Grid(single_lens=(512, 1024, 2048), heads=((4, 4), (8, 2)), mesh_lens=(1024, 2048),
              mesh_sizes=(2, 8), mesh_sizes_len=2048, linear_lens=(4096, 16384),
              linear_parallel_len=16384, repeats=2)
 DEFAULT = Grid(single_lens=(512, 1024, 2048, 4096, 8192, 16384), heads=((4, 4), (8, 2)),
