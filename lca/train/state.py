@@ -184,9 +184,14 @@ def _train_step(graphdef, ctx, shardings):
 
 
 def grad_leaf_names(ts: TrainState) -> list[str]:
-    """Paths of the gradient leaves, in the order of the train step's `grads_finite`."""
+    """Paths ('blocks/0/attn/wk') of the gradient leaves, in `grads_finite` order."""
     model = nnx.merge(ts.graphdef, ts.state)[0]
-    return [jax.tree_util.keystr(path) for path, _ in
+
+    def name(path):
+        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        return "/".join(keys[:-1] if keys[-1] == "value" else keys)
+
+    return [name(path) for path, _ in
             jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))]
 
 
