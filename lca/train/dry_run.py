@@ -15,7 +15,6 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from lca.data import batch_rng
 from lca.data import batches as batches_lib
