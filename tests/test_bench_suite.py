@@ -5,7 +5,7 @@ import dataclasses
 import jax.numpy as jnp
 import pytest
 
-from lca.bench import records, suite
+from lca.bench import figures, records, suite, summary
 
 GRID = suite.Grid(single_lens=(128,), heads=((2, 2),), mesh_lens=(), mesh_sizes=(),
                   mesh_sizes_len=0, linear_lens=(), linear_parallel_len=0, repeats=1,
@@ -54,3 +54,13 @@ def test_a_wrong_kernel_gets_a_large_error_beside_its_time(two_runs):
         else:
             assert p.max_rel_error < 2e-5, p
             assert p.vs_baseline == 1.0
+
+
+def test_a_second_run_reports_identical_compile_time_figures(two_runs):
+    text = summary.compare(*two_runs)
+    assert "4 common points; FLOPs, temp bytes and fit identical for 4" in text
+
+
+def test_a_figure_producer_that_does_not_exist_yet_is_skipped(tmp_path):
+    notes = figures.run_producers(str(tmp_path), [("a plot", "tools/not_written_yet.py", "f")])
+    assert notes == ["skipped a plot: tools/not_written_yet.py has no f() yet"]
