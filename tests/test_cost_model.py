@@ -107,6 +107,17 @@ def test_tile_counts_with_padding_windows_and_default_tiles(layout, window, bloc
     assert (full == counts(schedule, *full.shape, masks_lib.FULL)).all()
 
 
+@pytest.mark.parametrize("layout", cm.LAYOUTS)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("seq_len,n", [(1 << 15, 8), (256, 8), (1 << 22, 256)])
+def test_default_tiles_are_the_kernels_defaults(layout, heads, kv_heads, seq_len, n):
+    from lca.parallel.sequence import default_block
+
+    p = cm.Problem("ring", layout, seq_len, heads, kv_heads, HEAD_DIM, n)
+    block = min(default_block(layout, seq_len, n, heads // kv_heads), seq_len // n)
+    assert p.blocks() == (block, block)
+
+
 # ----------------------------------------------------------------------------- compiled HLO
 
 

@@ -104,7 +104,7 @@ HARDWARE = {
 KERNELS = ("ring", "allgather", "blockwise", "linear")
 LAYOUTS = ("contiguous", "striped", "zigzag")
 LINEAR_ALGORITHMS = ("ring", "allgather", "doubling")
-DEFAULT_BLOCK = 512  # lca.parallel.sequence._DEFAULT_BLOCK
+DEFAULT_BLOCK = 512  # lca.parallel.sequence._DEFAULT_BLOCK (halved with grouped-query heads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,9 @@ class Problem:
         """(bq, bk) as the kernels resolve them: default per layout, at most the lengths."""
         n, t = self.devices, self.seq_len
         zigzag = self.layout == "zigzag" and self.kernel != "blockwise"
-        default = min(DEFAULT_BLOCK, t // (2 * n)) if zigzag else DEFAULT_BLOCK
+        grouped = self.heads != self.kv_heads and self.kernel != "blockwise"
+        default = DEFAULT_BLOCK // 2 if grouped else DEFAULT_BLOCK
+        default = min(default, t // (2 * n)) if zigzag else default
         bq, bk = self.block_q or default, self.block_k or default
         kv_len = t if self.kernel == "allgather" else self.shard_len
         return min(bq, self.shard_len), min(bk, kv_len)

@@ -78,7 +78,8 @@ def load_balance(seq_len=32768, num_shards=8, layout_names=layouts.LAYOUTS, *, h
     shard_len = seq_len // num_shards
     for name in layout_names:
         layouts.check_layout(seq_len, name, num_shards)
-    blocks = {name: block or default_block(name, seq_len, num_shards) for name in layout_names}
+    blocks = {name: block or default_block(name, seq_len, num_shards, heads // kv_heads)
+              for name in layout_names}
     kernels = {b: _step_kernels(shard_len, heads, kv_heads, head_dim, b, causal)
                for b in set(blocks.values())}
     rng = np.random.default_rng(seed)
