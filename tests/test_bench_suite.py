@@ -64,3 +64,9 @@ def test_a_second_run_reports_identical_compile_time_figures(two_runs):
 def test_a_figure_producer_that_does_not_exist_yet_is_skipped(tmp_path):
     notes = figures.run_producers(str(tmp_path), [("a plot", "tools/not_written_yet.py", "f")])
     assert notes == ["skipped a plot: tools/not_written_yet.py has no f() yet"]
+
+
+def test_the_table_and_key_figures_mark_the_wrong_kernel(two_runs):
+    table = records.format_points(two_runs[0]).splitlines()
+    assert all(line.endswith("WRONG") == (" zeros " in line) for line in table[1:])
+    assert "WRONG against the float64 reference: zeros/-" in summary.key_figures(two_runs[0])

@@ -26,7 +26,8 @@ so on a mesh it is the fraction of the machine), and the ratio to its
 part's baseline. Beside it: the kernel's max relative error against the
 float64 reference, output (fwd) or output and q/k/v gradients (fwd+bwd), on
 the same kernel, layout and heads at T = check_len, so a fast wrong kernel
-cannot win unnoticed. The check runs the same code with tiles scaled to the
+cannot win unnoticed: a row above `records.TOLERANCE` (the tests' float32
+tolerance) is marked WRONG in the table and the key figures. The check runs the same code with tiles scaled to the
 short sequence (blocks 64 on one device, 16 on the mesh, linear chunks 16),
 on the mesh of `mesh_devices`; rows at other mesh sizes repeat its figure.
 """

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 
+from lca.bench.records import TOLERANCE
+
 
 def _index(points):
     return {(p.part, p.impl, p.layout, p.n, p.heads, p.kv_heads, p.seq_len, p.mode): p
@@ -100,8 +102,9 @@ def linear(points):
 
 def key_figures(points) -> str:
     lines = single_device(points) + mesh(points) + linear(points)
-    bad = [p for p in points if p.max_rel_error is not None and p.max_rel_error > 1e-3]
-    lines.append("correctness: every kernel within 1e-3 of the float64 reference" if not bad
+    bad = [p for p in points if p.max_rel_error is not None and p.max_rel_error > TOLERANCE]
+    lines.append(f"correctness: every kernel within {TOLERANCE:g} of the float64 reference"
+                 if not bad
                  else "WRONG against the float64 reference: " + ", ".join(
                      sorted({f"{p.impl}/{p.layout} ({p.max_rel_error:.1e})" for p in bad})))
     return "\n".join(lines)
