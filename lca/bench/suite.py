@@ -27,9 +27,10 @@ part's baseline. Beside it: the kernel's max relative error against the
 float64 reference, output (fwd) or output and q/k/v gradients (fwd+bwd), on
 the same kernel, layout and heads at T = check_len, so a fast wrong kernel
 cannot win unnoticed: a row above `records.TOLERANCE` (the tests' float32
-tolerance) is marked WRONG in the table and the key figures. The check runs the same code with tiles scaled to the
-short sequence (blocks 64 on one device, 16 on the mesh, linear chunks 16),
-on the mesh of `mesh_devices`; rows at other mesh sizes repeat its figure.
+tolerance) is marked WRONG in the table and the key figures. The check runs
+the same code with tiles scaled to the short sequence (blocks 64 on one
+device, 16 on the mesh, linear chunks 16), on the mesh of `mesh_devices`;
+rows at other mesh sizes repeat its figure.
 """
 
 from __future__ import annotations
