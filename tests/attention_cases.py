@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,11 @@ import lca
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 MASKS = ("bidirectional", "causal", "window", "segments", "causal_segments")
+
+# The test programs are tiny and compiling them is most of the suite's time:
+# LLVM at -O0 halves that. HLO passes (and so collectives, fusions and buffer
+# assignment) are unaffected; only the generated machine code is unoptimised.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def random_segments(rng, batch, length, num_segments):
@@ -63,10 +70,16 @@ def outputs_and_grads(fn, q, k, v, ct):
     return out, grads
 
 
+def compiled_outputs_and_grads(fn, q, k, v, ct):
+    """outputs_and_grads as one program (output and gradients), compiled with FAST_COMPILE."""
+    return jax.jit(functools.partial(outputs_and_grads, fn),
+                   compiler_options=FAST_COMPILE)(q, k, v, ct)
+
+
 def reference_outputs_and_grads(q, k, v, ct, **kwargs):
     f64 = lambda x: x.astype(jnp.float64)
     fn = lambda q, k, v: lca.attention(q, k, v, impl="reference", **kwargs)
-    return outputs_and_grads(fn, f64(q), f64(k), f64(v), f64(ct))
+    return compiled_outputs_and_grads(fn, f64(q), f64(k), f64(v), f64(ct))
 
 
 def relative_error(x, ref):

@@ -8,14 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention_cases import TOLERANCE, relative_error
+from attention_cases import FAST_COMPILE, TOLERANCE, relative_error
 
 DECAYS = ("none", "head", "token")
-
-# The test programs are tiny and compiling them is most of the suite's time:
-# LLVM at -O0 halves that. HLO passes (and so collectives and buffer
-# assignment) are unaffected.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def jit(fn, **kwargs):

@@ -7,8 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from attention_cases import (assert_matches_reference, make_inputs, outputs_and_grads,
-                             random_segments, reference_outputs_and_grads)
+from attention_cases import (assert_matches_reference, compiled_outputs_and_grads, make_inputs,
+                             outputs_and_grads, random_segments, reference_outputs_and_grads)
 
 import lca
 from lca.parallel import make_mesh
@@ -40,14 +40,17 @@ def mask_kwargs(name, seed, batch, seq_len):
 
 
 def check_against_reference(mesh, layout, mask, kv_heads, *, impl="ring", seed=0,
-                            dtype=jnp.float32, seq_len=SEQ_LEN, **options):
+                            dtype=jnp.float32, seq_len=SEQ_LEN, fast_compile=False, **options):
     """Natural-order output and q/k/v gradients equal the float64 reference."""
     q, k, v, ct = make_inputs(seed, batch=2, q_len=seq_len, kv_len=seq_len, heads=4,
                               kv_heads=kv_heads, head_dim=8, dtype=dtype)
     kwargs = mask_kwargs(mask, seed, 2, seq_len)
     fn = functools.partial(lca.sequence_parallel_attention, mesh=mesh, impl=impl, layout=layout,
                            **kwargs, **{**BLOCKS, **options})
-    got = outputs_and_grads(jax.jit(fn), q, k, v, ct)
+    if fast_compile:  # many mesh x layout x mask cases: see attention_cases.FAST_COMPILE
+        got = compiled_outputs_and_grads(fn, q, k, v, ct)
+    else:
+        got = outputs_and_grads(jax.jit(fn), q, k, v, ct)
     assert got[0].dtype == dtype and got[0].shape == q.shape
     ref = reference_outputs_and_grads(q, k, v, ct, **kwargs)
     what = f"{impl}/{layout}/{mask}/kv_heads={kv_heads}/mesh={dict(mesh.shape)}"

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_cases import (MASKS, assert_matches_reference, make_inputs, mask_kwargs,
-                             outputs_and_grads, reference_outputs_and_grads, relative_error)
+from attention_cases import (FAST_COMPILE, MASKS, assert_matches_reference,
+                             compiled_outputs_and_grads,
+                             make_inputs, mask_kwargs, outputs_and_grads,
+                             reference_outputs_and_grads, relative_error)
 
 import lca
 
@@ -20,9 +22,7 @@ def check(impl, mask, *, seed=0, dtype=jnp.float32, jit=True, **shape):
     q, k, v, ct = make_inputs(seed, dtype=dtype, **shape)
     kwargs = mask_kwargs(mask, seed, q.shape[0], q.shape[1], k.shape[1])
     fn = functools.partial(lca.attention, impl=impl, **kwargs, **BLOCKS[impl])
-    if jit:
-        fn = jax.jit(fn)
-    got = outputs_and_grads(fn, q, k, v, ct)
+    got = compiled_outputs_and_grads(fn, q, k, v, ct) if jit else outputs_and_grads(fn, q, k, v, ct)
     assert got[0].dtype == dtype and got[0].shape == q.shape
     ref = reference_outputs_and_grads(q, k, v, ct, **kwargs)
     assert_matches_reference(got, ref, dtype, f"{impl}/{mask}/{jnp.dtype(dtype).name}")
@@ -105,9 +105,9 @@ def test_blockwise_log_sum_exp_and_its_gradient():
         x = lse_of(impl, q, k, v, **opts)
         return jnp.where(jnp.isfinite(x), x, 0).sum()
 
-    got = jax.grad(functools.partial(total, "blockwise", block_q=16, block_k=32),
-                   argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(functools.partial(total, "reference"), argnums=(0, 1, 2))(f64(q), f64(k), f64(v))
+    grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2)), compiler_options=FAST_COMPILE)
+    got = grad(functools.partial(total, "blockwise", block_q=16, block_k=32))(q, k, v)
+    want = grad(functools.partial(total, "reference"))(f64(q), f64(k), f64(v))
     for g, w in zip(got, want):
         assert relative_error(g, w) < 2e-5
 
@@ -116,10 +116,13 @@ def test_blockwise_log_sum_exp_and_its_gradient():
 def test_causality_by_gradient(impl):
     """d out[i] / d (k, v)[j] is exactly zero for every later key j, nonzero before."""
     q, k, v, _ = make_inputs(6, batch=1, q_len=96, kv_len=96)
+
+    def out_i(k, v, i):
+        return lca.attention(q, k, v, impl=impl, causal=True, **BLOCKS[impl])[:, i].sum()
+
+    grads = jax.jit(jax.grad(out_i, argnums=(0, 1)), compiler_options=FAST_COMPILE)
     for i in (0, 23, 24, 50, 95):
-        def out_i(k, v):
-            return lca.attention(q, k, v, impl=impl, causal=True, **BLOCKS[impl])[:, i].sum()
-        dk, dv = jax.grad(out_i, argnums=(0, 1))(k, v)
+        dk, dv = grads(k, v, i)
         dk, dv = np.asarray(dk), np.asarray(dv)
         assert np.all(dk[:, i + 1:] == 0) and np.all(dv[:, i + 1:] == 0), \
             f"query {i} depends on a later key"
@@ -135,5 +138,5 @@ def test_blockwise_is_exact_for_every_block_shape():
     ref = reference_outputs_and_grads(q, k, v, ct, **kwargs)
     for bq, bk in [(1, 1), (7, 5), (37, 41), (64, 64), (16, 41)]:
         fn = functools.partial(lca.attention, **kwargs, block_q=bq, block_k=bk)
-        assert_matches_reference(outputs_and_grads(jax.jit(fn), q, k, v, ct), ref,
+        assert_matches_reference(compiled_outputs_and_grads(fn, q, k, v, ct), ref,
                                  jnp.float32, f"blocks {bq}x{bk}")

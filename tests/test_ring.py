@@ -35,22 +35,35 @@ def test_every_layout_mask_and_head_grouping_on_a_ring_of_4(mesh4, layout, mask,
     check_against_reference(mesh4, layout, mask, HEADS[heads])
 
 
-@pytest.mark.parametrize("layout,mask", [("contiguous", "window"), ("striped", "window"),
-                                         ("zigzag", "causal_segments")])
-def test_ring_of_8(mesh8, layout, mask):
-    check_against_reference(mesh8, layout, mask, HEADS["gqa"])
+@pytest.mark.parametrize("heads", sorted(HEADS))
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_mask_and_head_grouping_on_a_ring_of_8(mesh8, layout, mask, heads):
+    check_against_reference(mesh8, layout, mask, HEADS[heads], fast_compile=True)
 
 
-@pytest.mark.parametrize("n,layout,mask", [(1, "zigzag", "causal_segments"),
-                                           (2, "contiguous", "window")])
-def test_small_rings(n, layout, mask):
-    check_against_reference(sub_mesh(n), layout, mask, HEADS["gqa"])
+@pytest.mark.parametrize("heads", sorted(HEADS))
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_mask_and_head_grouping_on_a_data_by_sequence_mesh(mesh2x4, layout, mask,
+                                                                        heads):
+    check_against_reference(mesh2x4, layout, mask, HEADS[heads], fast_compile=True)
 
 
-@pytest.mark.parametrize("layout,mask,heads", [("zigzag", "causal_segments", "gqa"),
-                                               ("striped", "window", "mha")])
-def test_data_by_sequence_mesh(mesh2x4, layout, mask, heads):
-    check_against_reference(mesh2x4, layout, mask, HEADS[heads])
+# Rings of 1 and 2: every layout, mask and head grouping appears, and every
+# pair of them (an all-pairs design: 12 cases per ring instead of 24).
+PAIRS = [("contiguous", "bidirectional", "mha"), ("contiguous", "causal_segments", "gqa"),
+         ("striped", "causal", "gqa"), ("striped", "window", "mha"),
+         ("zigzag", "window", "gqa"), ("zigzag", "causal_segments", "mha"),
+         ("striped", "bidirectional", "gqa"), ("zigzag", "causal", "mha"),
+         ("contiguous", "window", "mha"), ("contiguous", "causal", "gqa"),
+         ("zigzag", "bidirectional", "gqa"), ("striped", "causal_segments", "mha")]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("layout,mask,heads", PAIRS)
+def test_small_rings(n, layout, mask, heads):
+    check_against_reference(sub_mesh(n), layout, mask, HEADS[heads], fast_compile=True)
 
 
 def test_heads_sharded_on_tensor_axis(mesh2x2x2):
