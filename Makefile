@@ -13,8 +13,9 @@ STAMP := $(VENV)/.installed
 run: $(STAMP)
 	$(PY) experiments/train.py --config configs/passkey.py --workdir out/passkey
 
+# Two pytest workers (pytest-xdist): the tests are mostly single-threaded XLA compiles.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 install: $(STAMP)
 
