@@ -190,6 +190,9 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_the_previous_one(driven)
     assert os.path.isdir(os.path.join(kept, "model"))  # set aside, not deleted
 
 
+# Orbax's failed restore leaves a callback for its closed event loop; pytest
+# reports it as unraisable. It is Orbax's clean-up, not this test's subject.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damaged", ["model/d/*", "config/metadata"])
 def test_truncated_checkpoint_file_is_skipped_with_a_warning(damaged, tmp_path):
     source, full = smoke_run()
