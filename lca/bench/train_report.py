@@ -25,7 +25,8 @@ def run(config: str, *, seq_len: int, speed_mesh: dict, speed_kernels, steps: in
         memory_kernels, budget_gib: float, out: str) -> dict:
     exp = from_config(config_files.load(config))
     report = {"config": config, "seq_len": seq_len, "speed_mesh": speed_mesh,
-              "model": dataclasses.asdict(exp.model), "speed": {}, "memory": {}}
+              "budget_gib": budget_gib, "model": dataclasses.asdict(exp.model), "speed": {},
+              "memory": {}}
     if speed_kernels:
         mesh = make_mesh(speed_mesh, jax.devices()[:_prod(speed_mesh)])
         print(f"speed: T={seq_len}, mesh {speed_mesh}, batch {_batch_for(mesh)},"
@@ -69,6 +70,17 @@ def run(config: str, *, seq_len: int, speed_mesh: dict, speed_kernels, steps: in
         json.dump(report, f, indent=1)
     print(f"wrote {path}")
     return report
+
+
+def write_figures(out_dir, quick=False):
+    """Figure producer: bench_train.json into out_dir, as `experiments/bench_train.py` does.
+
+    quick: the speed comparison at T=4096 and no longest-context search.
+    """
+    return run("configs/passkey.py", seq_len=4096 if quick else 16384,
+               speed_mesh={"sequence": 8}, speed_kernels=["ring", "xla"], steps=3,
+               memory_kernels=[] if quick else ["xla", "blockwise", "ring", "linear"],
+               budget_gib=20.0, out=out_dir)
 
 
 def _prod(axes: dict) -> int:
