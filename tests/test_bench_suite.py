@@ -70,3 +70,15 @@ def test_the_table_and_key_figures_mark_the_wrong_kernel(two_runs):
     table = records.format_points(two_runs[0]).splitlines()
     assert all(line.endswith("WRONG") == (" zeros " in line) for line in table[1:])
     assert "WRONG against the float64 reference: zeros/-" in summary.key_figures(two_runs[0])
+
+
+def test_compare_says_how_far_each_median_left_the_other_runs_spread():
+    base = records.Point("single", "xla", "-", 1, 2, 2, 128, "fwd", flops=10, temp_bytes=5,
+                         fits=True, seconds=1.0, seconds_min=0.95, seconds_max=1.05)
+    moved = dataclasses.replace(base, seconds=1.2, seconds_min=1.1, seconds_max=1.3)
+    far = dataclasses.replace(moved, seconds=2.0, seconds_min=1.9, seconds_max=2.1)
+    near, inside = summary.compare([base], [moved]), summary.compare([base], [base])
+    assert "inside the other run's min-max spread: 0 of 1; outside by up to 10%: 1" in near
+    assert "(9% outside)" in near  # 1.0 below 1.1: the nearer of the two distances
+    assert "inside the other run's min-max spread: 1 of 1; outside by up to 10%: 0" in inside
+    assert "by more: 1" in summary.compare([base], [far])

@@ -110,11 +110,20 @@ def key_figures(points) -> str:
     return "\n".join(lines)
 
 
+def _outside_by(p, q):
+    """How far p's median lies outside q's min-max spread, relative to the nearer edge (0: in)."""
+    if q.seconds_min <= p.seconds <= q.seconds_max:
+        return 0.0
+    edge = q.seconds_min if p.seconds < q.seconds_min else q.seconds_max
+    return abs(p.seconds / edge - 1)
+
+
 def compare(previous, points) -> str:
     """Against an earlier run of the same grid: compile-time figures must be identical;
-    a median outside the earlier run's min-max spread (or vice versa) is listed."""
+    a median outside the earlier run's min-max spread (and the earlier median outside
+    this run's) is listed, with how far outside."""
     old = _index(previous)
-    same, differ, outside, common = 0, [], [], 0
+    same, differ, outside, common, timed = 0, [], [], 0, 0
     for key, p in _index(points).items():
         q = old.get(key)
         if q is None:
@@ -125,13 +134,18 @@ def compare(previous, points) -> str:
         else:
             differ.append(f"{'/'.join(map(str, key))}: flops {q.flops}->{p.flops},"
                           f" temp {q.temp_bytes}->{p.temp_bytes}")
-        if p.seconds is not None and q.seconds is not None and not (
-                q.seconds_min <= p.seconds <= q.seconds_max
-                or p.seconds_min <= q.seconds <= p.seconds_max):
-            outside.append(f"{'/'.join(map(str, key))} {q.seconds:.3f}->{p.seconds:.3f}s")
+        if p.seconds is None or q.seconds is None:
+            continue
+        timed += 1
+        by = min(_outside_by(p, q), _outside_by(q, p))
+        if by > 0:
+            outside.append((by, f"{'/'.join(map(str, key))} {q.seconds:.3f}->{p.seconds:.3f}s"
+                                f" ({100 * by:.0f}% outside)"))
     lines = [f"against the previous run: {common} common points; FLOPs, temp bytes and fit"
              f" identical for {same}" + (", differ: " + "; ".join(differ) if differ else "")]
-    lines.append(f"medians outside each other's min-max spread: {len(outside)}"
-                 + (" (" + "; ".join(outside[:20]) + ("; ..." if len(outside) > 20 else "") + ")"
-                    if outside else ""))
+    far = sum(by > 0.1 for by, _ in outside)
+    lines.append(f"medians inside the other run's min-max spread: {timed - len(outside)} of"
+                 f" {timed}; outside by up to 10%: {len(outside) - far}, by more: {far}")
+    for _, text in sorted(outside, reverse=True)[:20]:
+        lines.append(f"  {text}")
     return "\n".join(lines)
