@@ -1,9 +1,14 @@
-"""Regenerates every figure and table of the README and docs/ into docs/figures.
+"""Regenerates every figure and result table of the README and docs/.
 
     python experiments/figures.py [--quick] [--parts ...] [--repeats N]
+    python experiments/figures.py --tables     # only rewrite the tables from docs/figures
 
 The benchmark suite (experiments/bench.py --figures: bench_suite.csv,
-bench_<part>.png) and then every producer in `lca.bench.figures.PRODUCERS`.
+bench_<part>.png), then every producer in `lca.bench.figures.PRODUCERS`
+(cost model, layout diagram, cost-model validation, training benchmark),
+all into docs/figures; then every table between `<!-- table:NAME -->`
+markers in README.md and docs/*.md is rewritten from those files
+(`lca.bench.tables`).
 """
 
 import os
