@@ -18,8 +18,7 @@ Every point is compiled first: its temporary memory comes from the compiled
 executable, and a point over the memory budget (a fixed fraction of the
 machine's physical memory, so the same points run every time) is recorded as
 "does not fit" with its bytes, not run. Points that are compared (same part,
-n, heads, T and mode) are timed round-robin in the same rounds, and the
-rounds are passes over the whole grid, spread across the run; each row has
+n, heads, T and mode) are timed round-robin in the same rounds; each row has
 the median and the min-max spread over the rounds, useful FLOPs, the fraction
 of the matmul peak (one device's 2048x2048 float32 matmul, fastest of ten, at
 the start and the end of the run; emulated mesh devices share the same cores,
@@ -39,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import statistics
 from typing import Callable
 
 import jax
@@ -281,24 +279,12 @@ def _group_key(s):
     return (s.part, s.n, s.heads, s.kv_heads, s.seq_len, s.mode)
 
 
-def _placed(arrays, mesh, kernel):
-    sharding = NamedSharding(mesh, P(None, AXIS)) if kernel.sharded else None
-    return [jax.device_put(x, sharding) if sharding else jnp.asarray(x) for x in arrays]
-
-
 def run(grid=DEFAULT, parts=("single", "mesh", "linear"), *, kernels=None, memory_budget=None,
         peak=None, progress=True, on_group=None):
     """Measures every point of `grid` in `parts`; returns (points, matmul peak FLOP/s).
 
-    Two phases. First every point is compiled (memory, FLOPs, the correctness
-    check); then the whole grid is timed `grid.repeats` times over, each pass
-    timing every group's points round-robin once. A point's rounds are thus
-    spread across the run, minutes apart, and its min-max spread shows how
-    much the machine's load moved its time during the run, not only within a
-    few seconds; a rerun's medians are compared with that spread.
+    on_group(points so far, peak): called after every group (to save partial results).
 
-    on_group(points so far, peak): called after every group and every pass
-      (to save partial results).
     kernels: {part: {impl: Kernel}}, default `default_kernels()`.
     memory_budget: bytes the temporaries of a point may take on the machine (all
       devices together); default half the physical memory.
@@ -308,21 +294,22 @@ def run(grid=DEFAULT, parts=("single", "mesh", "linear"), *, kernels=None, memor
     measure_peak = peak is None
     peak = peak or timing.matmul_peak_flops(fastest=True)
     todo = specs(grid, parts, kernels)
-    checks, rows, groups = {}, [], []
-    bar = tqdm(total=len(todo) * (1 + grid.repeats), desc="benchmark suite", unit="point",
-               disable=not progress)
+    checks, rows = {}, []
+    bar = tqdm(total=len(todo), desc="benchmark suite", unit="point", disable=not progress)
     for key, group in itertools.groupby(todo, key=_group_key):
         group = list(group)
         part, n, heads, kv_heads, seq_len, mode = key
-        bar.set_postfix_str(f"compile {part} n={n} h={heads}/{kv_heads} T={seq_len} {mode}")
+        bar.set_postfix_str(f"{part} n={n} h={heads}/{kv_heads} T={seq_len} {mode}")
         mesh = _mesh(n) if any(kernels[part][s.impl].sharded for s in group) else None
         arrays = _inputs(heads, kv_heads, seq_len, grid.head_dim)
-        compiled, points = {}, {}
+        timed, points = {}, {}
         for s in group:
             kernel = kernels[part][s.impl]
-            program = _program(kernel.make(mesh if kernel.sharded else None, s.layout, False),
-                               mode).lower(*_placed(arrays, mesh, kernel)).compile()
-            memory = program.memory_analysis()
+            sharding = NamedSharding(mesh, P(None, AXIS)) if kernel.sharded else None
+            args = [jax.device_put(x, sharding) if sharding else jnp.asarray(x) for x in arrays]
+            compiled = _program(kernel.make(mesh if kernel.sharded else None, s.layout, False),
+                                mode).lower(*args).compile()
+            memory = compiled.memory_analysis()
             temp = memory.temp_size_in_bytes
             fits = (temp + memory.output_size_in_bytes) * s.n <= budget
             check_key = (part, s.impl, s.layout, heads, kv_heads)
@@ -335,30 +322,18 @@ def run(grid=DEFAULT, parts=("single", "mesh", "linear"), *, kernels=None, memor
                               baseline=BASELINES.get(part, ""), max_rel_error=err,
                               check_len=grid.check_len)
             if fits:
-                compiled[s] = program  # kept; its inputs are made again for every pass
-        groups.append((key, mesh, compiled, points))
+                timed[s] = (compiled, args)
+        for s, (median, low, high) in timing.round_robin(timed, grid.repeats).items():
+            p = points[s]
+            p.seconds, p.seconds_min, p.seconds_max = median, low, high
+            p.peak_fraction = p.flops / median / peak
+        base = [p.seconds for p in points.values() if p.impl == BASELINES.get(part)]
+        for p in points.values():
+            if base and base[0] is not None and p.seconds is not None:
+                p.vs_baseline = base[0] / p.seconds
         rows += points.values()
+        del timed
         bar.update(len(group))
-        if on_group is not None:
-            on_group(rows, peak)
-
-    samples = {s: [] for _, _, compiled, _ in groups for s in compiled}
-    calls = {}
-    for r in range(grid.repeats):
-        for key, mesh, compiled, points in groups:
-            part, n, heads, kv_heads, seq_len, mode = key
-            bar.set_postfix_str(f"pass {r + 1}/{grid.repeats} {part} n={n} h={heads}/{kv_heads}"
-                                f" T={seq_len} {mode}")
-            arrays = _inputs(heads, kv_heads, seq_len, grid.head_dim)
-            timed = {s: (program, _placed(arrays, mesh, kernels[part][s.impl]))
-                     for s, program in compiled.items()}
-            if r == 0:
-                calls.update(timing.calls_per_round(timed))
-            for s, seconds in timing.one_round(timed, calls).items():
-                samples[s].append(seconds)
-            del timed
-            _summarise(points, samples, part, peak)
-            bar.update(len(points))
         if on_group is not None:
             on_group(rows, peak)
     bar.close()
@@ -367,16 +342,3 @@ def run(grid=DEFAULT, parts=("single", "mesh", "linear"), *, kernels=None, memor
         for p in rows:
             p.peak_fraction = None if p.seconds is None else p.flops / p.seconds / peak
     return rows, peak
-
-
-def _summarise(points, samples, part, peak):
-    """Median, spread, peak fraction and ratio to the baseline from the samples so far."""
-    for s, p in points.items():
-        if samples.get(s):
-            t = samples[s]
-            p.seconds, p.seconds_min, p.seconds_max = statistics.median(t), min(t), max(t)
-            p.peak_fraction = p.flops / p.seconds / peak
-    base = [p.seconds for p in points.values() if p.impl == BASELINES.get(part)]
-    for p in points.values():
-        if base and base[0] is not None and p.seconds is not None:
-            p.vs_baseline = base[0] / p.seconds

@@ -58,44 +58,28 @@ def linear_flops(batch, seq_len, heads, key_dim, value_dim, *, chunk_size, backw
     return flops * 7 // 2 if backward else flops
 
 
-def calls_per_round(points, min_seconds=0.2):
-    """{key: calls}: one warm-up call each, timed, decides how many calls make a round.
+def round_robin(points, repeats, *, min_seconds=0.2, on_round=None):
+    """{key: (median, min, max) seconds per call}; points: {key: (fn, args)}.
 
-    A point faster than `min_seconds` is called back to back enough times per
+    One warm-up call each; then `repeats` rounds, each calling every point in
+    turn, so a load change on a shared machine falls on all of them alike. A
+    point faster than `min_seconds` is called back to back enough times per
     round to take about that long, so short points are not timer noise.
+    `on_round()` is called after every round (a progress bar).
     """
     calls = {}
     for key, (fn, args) in points.items():
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         calls[key] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6)))
-    return calls
-
-
-def one_round(points, calls):
-    """{key: seconds per call}: every point in turn, `calls[key]` calls each."""
-    seconds = {}
-    for key, (fn, args) in points.items():
-        start = time.perf_counter()
-        for _ in range(calls[key]):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        seconds[key] = (time.perf_counter() - start) / calls[key]
-    return seconds
-
-
-def round_robin(points, repeats, *, min_seconds=0.2, on_round=None):
-    """{key: (median, min, max) seconds per call}; points: {key: (fn, args)}.
-
-    One warm-up call each (`calls_per_round`); then `repeats` rounds, each
-    calling every point in turn, so a load change on a shared machine falls on
-    all of them alike. `on_round()` is called after every round (a progress bar).
-    """
-    calls = calls_per_round(points, min_seconds)
     times = {key: [] for key in points}
     for _ in range(repeats):
-        for key, t in one_round(points, calls).items():
-            times[key].append(t)
+        for key, (fn, args) in points.items():
+            start = time.perf_counter()
+            for _ in range(calls[key]):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            times[key].append((time.perf_counter() - start) / calls[key])
         if on_round is not None:
             on_round()
     return {key: (statistics.median(t), min(t), max(t)) for key, t in times.items()}
