@@ -46,7 +46,6 @@ def main(argv=None, figures=False):
     from lca.bench import suite, tables  # noqa: PLC0415
 
     if args.tables:
-        from lca.bench import tables  # noqa: PLC0415
         print("\n".join(tables.update_docs(tables.FIGURES_DIR)))
         return
     parts = tuple(args.parts.split(","))

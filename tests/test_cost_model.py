@@ -15,11 +15,8 @@ The HLO count of a compiled forward+backward is defined as:
 Inputs are float32 (the CPU backend widens bf16 collectives when compiling).
 """
 
-import importlib.util
 import math
-import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,17 +28,13 @@ from ring_cases import sub_mesh
 
 import lca
 from lca import layouts
+from lca.bench import validation
 from lca.kernels import blockwise, ring
 from lca.kernels import masks as masks_lib
 from lca.parallel import attention_in_layout
 from lca.parallel.linear import attention_in_layout_linear
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("cost_model", os.path.join(REPO, "tools",
-                                                                          "cost_model.py"))
-cm = importlib.util.module_from_spec(_spec)
-sys.modules["cost_model"] = cm
-_spec.loader.exec_module(cm)
+cm = validation.load_cost_model()
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 1, 4, 2, 8
 SEQ_LEN, BLOCK = 256, 16  # zigzag chunks of 16 at n = 8: several tiles per shard everywhere

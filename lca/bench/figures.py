@@ -33,21 +33,31 @@ PRODUCERS = [
 ]
 
 
-def load_file(path, function):
-    """`function` of the file at `path` (relative to the repository root), or None."""
+def load_module(path):
+    """The module in the file at `path` (relative to the repository root), or None.
+
+    Package modules (lca/...) are imported; other files (tools/...) are loaded
+    once by path and registered in sys.modules, where dataclasses look them up.
+    """
     full = os.path.join(REPO, path)
     if not os.path.exists(full):
         return None
     relative = os.path.relpath(full, REPO)
-    if relative.startswith("lca" + os.sep):  # the package's own modules: imported once
-        module = importlib.import_module(os.path.splitext(relative)[0].replace(os.sep, "."))
-        return getattr(module, function, None)
-    name = "figure_producer_" + os.path.splitext(relative)[0].replace(os.sep, "_")
-    spec = importlib.util.spec_from_file_location(name, full)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return getattr(module, function, None)
+    if relative.startswith("lca" + os.sep):
+        return importlib.import_module(os.path.splitext(relative)[0].replace(os.sep, "."))
+    name = "repo_" + os.path.splitext(relative)[0].replace(os.sep, "_")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, full)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def load_file(path, function):
+    """`function` of the file at `path` (relative to the repository root), or None."""
+    module = load_module(path)
+    return None if module is None else getattr(module, function, None)
 
 
 def run_producers(out_dir, producers=None, *, quick=False):

@@ -25,9 +25,9 @@ import json
 import os
 import re
 
-from lca.bench import records, validation
+from lca.bench import figures, records, validation
 
-REPO = validation.REPO
+REPO = figures.REPO
 FIGURES_DIR = os.path.join(REPO, "docs", "figures")
 SUITE_CSV = "bench_suite.csv"
 TRAIN_JSON = "bench_train.json"
@@ -204,8 +204,7 @@ def balance(data):
     body = [[r["layout"], r["block"], f"{float(r['critical_path_s']):.2f}",
              f"{float(r['measured_vs_contiguous']):.3f}",
              f"{float(r['predicted_vs_contiguous']):.3f} ({float(r['predicted_tiles']):.0f})",
-             f"{100 * (float(r['predicted_vs_contiguous']) / float(r['measured_vs_contiguous']) - 1):+.1f}%"]
-            for r in rows]
+             f"{100 * _difference(r):+.1f}%"] for r in rows]
     return "\n".join([
         _table(["layout", "tile", "critical path (s)", "measured vs contiguous",
                 "predicted vs contiguous (tiles)", "predicted / measured - 1"], body), "",
@@ -214,6 +213,11 @@ def balance(data):
         f" (fastest of the repeats); critical path = sum over steps of the slowest rank."
         f" Predicted: `tools/cost_model.py` from FLOPs alone.",
         f"_From `docs/figures/{validation.BALANCE_CSV}` (`lca/bench/validation.py`)._"])
+
+
+def _difference(row):
+    """predicted / measured - 1, from a cost_validation_balance.csv row."""
+    return float(row["predicted_vs_contiguous"]) / float(row["measured_vs_contiguous"]) - 1
 
 
 def memory_check(data):
@@ -293,8 +297,9 @@ def questions(data):
     h, kv = 4, 4
     lens = sorted({p.seq_len for p in _at(data, part="single", impl="xla", heads=h)})
     ran = [t for t in lens if xla(heads=h, kv_heads=kv, seq_len=t).seconds]
-    faster = ", ".join(f"{xla(heads=h, kv_heads=kv, seq_len=t).seconds / blk(heads=h, kv_heads=kv, seq_len=t).seconds:.1f}x"
-                       f" at {_tokens(t)}" for t in ran if t >= 2048)
+    speedup = lambda t: (xla(heads=h, kv_heads=kv, seq_len=t).seconds
+                         / blk(heads=h, kv_heads=kv, seq_len=t).seconds)
+    faster = ", ".join(f"{speedup(t):.1f}x at {_tokens(t)}" for t in ran if t >= 2048)
     gqa = [(t, xla(heads=8, kv_heads=2, seq_len=t), blk(heads=8, kv_heads=2, seq_len=t))
            for t in ran[-1:]]
     faster += "".join(f" (8/2 heads: {x.seconds / b.seconds:.1f}x at {_tokens(t)})"

@@ -20,9 +20,7 @@ tests/test_cost_model.py, not here.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,24 +28,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lca import layouts
-from lca.bench import records
+from lca.bench import figures, records
 from lca.bench import ring as ring_bench
 from lca.parallel import attention_in_layout, make_mesh
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BALANCE_CSV = "cost_validation_balance.csv"
 MEMORY_CSV = "cost_validation_memory.csv"
 
 
 def load_cost_model():
-    """tools/cost_model.py as a module (it is a NumPy-only tool, not part of the package)."""
-    if "cost_model" not in sys.modules:
-        path = os.path.join(REPO, "tools", "cost_model.py")
-        spec = importlib.util.spec_from_file_location("cost_model", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["cost_model"] = module  # its dataclasses look themselves up by name
-        spec.loader.exec_module(module)
-    return sys.modules["cost_model"]
+    """tools/cost_model.py as a module (a NumPy-only tool, not part of the package)."""
+    return figures.load_module(os.path.join("tools", "cost_model.py"))
 
 
 @dataclasses.dataclass
