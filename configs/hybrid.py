@@ -10,9 +10,8 @@ decay, and pass their state across the `sequence` axis. Mesh (data=2,
 sequence=2, tensor=2): heads and the MLP are split over `tensor`. The
 haystack grows 64 -> 512 tokens over the 600 steps, as in configs/passkey.py.
 Expect held-out recall accuracy at 512 tokens of about 0.10 after the default
-600 steps, six times chance (1/63) and still climbing (measured 0.0996; 10
-minutes on the shared 2-core machine); train longer (--config.train.steps)
-for more.
+600 steps, six times chance (1/63) and still climbing, in about 10 minutes on
+a 2-core machine; train longer (--config.train.steps) for more.
 
 Variants: `:smoke` (seconds, for tests), `:softmax` (every layer ring).
 """

@@ -9,14 +9,15 @@ on a (data=2, sequence=4) mesh of 8 emulated CPU devices. The haystack grows
 64 -> 128 -> 256 -> 512 -> 1024 tokens over the 600 steps (`data.curriculum`):
 a needle is found much sooner in a short haystack, and the skill carries over.
 Expect: held-out `accuracy` (all 4 digits right) >= 0.9 at 1024 tokens at
-every depth (measured: 0.99 and 1.00 in two runs), in about 5 minutes on the
-shared 2-core machine.
+every depth, in about 5 minutes on a 2-core machine.
 
-Variants: `:smoke` (seconds, for tests); `:blockwise`, `:xla`, `:allgather`
-(same model, another kernel).
+Variants: `:smoke` (seconds, for tests); any kernel of `lca.kernels.registry`
+(`:blockwise`, `:xla`, `:allgather`, ...: same model, another kernel).
 """
 
 import ml_collections
+
+from lca.train.config_files import set_kernel, unknown_variant
 
 PARAM_RULES = (("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
                ("kv_heads", "tensor"), ("mlp", "tensor"))
@@ -34,7 +35,8 @@ def base_config():
     c.sharding.activations = ACTIVATION_RULES
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=128, embed=64, layers=2, heads=2, kv_heads=1, head_dim=32, mlp=256,
-        attention="ring", layout="zigzag", window=0, block_q=128, block_k=128,
+        attention="ring", local="blockwise", layout="zigzag", window=0, block_q=128,
+        block_k=128,
         tied_embeddings=False, rope_base=10000.0, norm_eps=1e-6, remat=False, dtype="float32",
         linear=ml_collections.ConfigDict(dict(
             feature_map="elu1", decay=True, normalize=False, chunk_size=64, hedgehog_dim=0))))
@@ -68,9 +70,6 @@ def get_config(arg=""):
     for variant in filter(None, (arg or "").split(",")):
         if variant == "smoke":
             smoke(c)
-        elif variant in ("blockwise", "xla", "allgather", "ring"):
-            c.model.attention = variant
-        else:
-            raise ValueError(f"configs/passkey.py: unknown variant {variant!r};"
-                             " known: smoke, blockwise, xla, allgather, ring")
+        elif not set_kernel(c, variant):
+            raise unknown_variant(__file__, variant, ("smoke",))
     return c

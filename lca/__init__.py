@@ -1,12 +1,12 @@
 """lca: exact and linear attention over long contexts, on one device or a mesh."""
 
 from lca import kernels, layouts
-from lca.attention import KERNELS, attention
+from lca.attention import attention
 from lca.kernels.linear import linear_attention, linear_attention_step
 from lca.parallel.sequence import sequence_parallel_attention
 
 __all__ = ["attention", "linear_attention", "linear_attention_step",
-           "kernels", "layouts", "KERNELS", "sequence_parallel_attention", "load"]
+           "kernels", "layouts", "sequence_parallel_attention", "load"]
 __version__ = "0.1.0"
 
 

@@ -39,12 +39,21 @@ def mask_kwargs(name, seed, batch, seq_len):
     raise KeyError(name)
 
 
-def check_against_reference(mesh, layout, mask, kv_heads, *, impl="ring", seed=0,
-                            dtype=jnp.float32, seq_len=SEQ_LEN, fast_compile=False, **options):
-    """Natural-order output and q/k/v gradients equal the float64 reference."""
-    q, k, v, ct = make_inputs(seed, batch=2, q_len=seq_len, kv_len=seq_len, heads=4,
+@functools.lru_cache(maxsize=None)
+def _case(seed, dtype, seq_len, batch, heads, kv_heads, mask):
+    """Inputs, mask arguments and float64 reference of one case: shared by every
+    strategy, local kernel, layout and mesh that computes it."""
+    q, k, v, ct = make_inputs(seed, batch=batch, q_len=seq_len, kv_len=seq_len, heads=heads,
                               kv_heads=kv_heads, head_dim=8, dtype=dtype)
-    kwargs = mask_kwargs(mask, seed, 2, seq_len)
+    kwargs = mask_kwargs(mask, seed, batch, seq_len)
+    return (q, k, v, ct), kwargs, reference_outputs_and_grads(q, k, v, ct, **kwargs)
+
+
+def check_against_reference(mesh, layout, mask, kv_heads, *, impl="ring", seed=0,
+                            dtype=jnp.float32, seq_len=SEQ_LEN, fast_compile=False, batch=2,
+                            heads=4, **options):
+    """Natural-order output and q/k/v gradients equal the float64 reference."""
+    (q, k, v, ct), kwargs, ref = _case(seed, dtype, seq_len, batch, heads, kv_heads, mask)
     fn = functools.partial(lca.sequence_parallel_attention, mesh=mesh, impl=impl, layout=layout,
                            **kwargs, **{**BLOCKS, **options})
     if fast_compile:  # many mesh x layout x mask cases: see attention_cases.FAST_COMPILE
@@ -52,6 +61,6 @@ def check_against_reference(mesh, layout, mask, kv_heads, *, impl="ring", seed=0
     else:
         got = outputs_and_grads(jax.jit(fn), q, k, v, ct)
     assert got[0].dtype == dtype and got[0].shape == q.shape
-    ref = reference_outputs_and_grads(q, k, v, ct, **kwargs)
-    what = f"{impl}/{layout}/{mask}/kv_heads={kv_heads}/mesh={dict(mesh.shape)}"
+    what = (f"{impl}/{options.get('local', 'blockwise')}/{layout}/{mask}/kv_heads={kv_heads}"
+            f"/mesh={dict(mesh.shape)}")
     assert_matches_reference(got, ref, dtype, what)

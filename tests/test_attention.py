@@ -12,10 +12,12 @@ from attention_cases import (FAST_COMPILE, MASKS, assert_matches_reference,
                              reference_outputs_and_grads, relative_error)
 
 import lca
+from lca.kernels import registry
 
-IMPLS = ("blockwise", "xla")
+# Every local kernel but the oracle itself, as the registry lists them.
+IMPLS = tuple(n for n in registry.names("local") if n != "reference")
 # Small tiles so that 100 tokens span several blocks, none of them full.
-BLOCKS = {"blockwise": {"block_q": 32, "block_k": 24}, "xla": {}}
+BLOCKS = {n: {"block_q": 32, "block_k": 24} if registry.get(n).tiles else {} for n in IMPLS}
 
 
 def check(impl, mask, *, seed=0, dtype=jnp.float32, jit=True, **shape):

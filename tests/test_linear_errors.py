@@ -16,11 +16,12 @@ STATE = jnp.zeros((2, 4, 8, 6))
 @pytest.mark.parametrize("impl", ["chunked", "recurrent", "quadratic"])
 @pytest.mark.parametrize("args, kwargs, message", [
     ((Q[0], Q, V), {}, r"q must be \[batch, seq, heads, key_dim\] \(rank 4\)"),
-    ((Q, Q[..., 0], V), {}, r"k must be \[batch, seq, heads, key_dim\]"),
-    ((Q, Q, V[0]), {}, r"v must be \[batch, seq, heads, value_dim\]"),
+    ((Q, Q[..., 0], V), {}, r"k must be \[batch, seq, kv_heads, key_dim\]"),
+    ((Q, Q, V[0]), {}, r"v must be \[batch, seq, kv_heads, value_dim\]"),
     ((Q.astype(jnp.int32), Q, V), {}, "q must be a floating dtype"),
-    ((Q, Q[..., :4], V), {}, "k must have q's shape"),
-    ((Q, Q, V[:, :8]), {}, "v must be .* with q's leading dims"),
+    ((Q, Q[..., :4], V), {}, r"k must be .* with q's batch, seq \(2, 16\) and key_dim 8"),
+    ((Q, Q, V[:, :8]), {}, "v must be .* with k's leading dims"),
+    ((Q, Q[:, :, :3], V[:, :, :3]), {}, r"heads \(4\) must be a multiple of kv_heads \(3\)"),
     ((Q, Q, V), {"log_decay": jnp.zeros(3)}, r"log_decay must have shape \[heads\] = \(4,\)"),
     ((Q, Q, V), {"log_decay": jnp.zeros((2, 16))}, r"\[batch, seq, heads\] = \(2, 16, 4\)"),
     ((Q, Q, V), {"log_decay": jnp.full(4, 0.1)}, "log_decay must be <= 0 everywhere"),
@@ -51,8 +52,8 @@ def test_checks_run_before_tracing():
 
 
 @pytest.mark.parametrize("args, kwargs, message", [
-    ((STATE, Q[:, 0], Q[:, 0, :, :4], V[:, 0]), {}, "k_t must have q_t's shape"),
-    ((STATE, Q[:, 0], Q[:, 0], V[:1, 0]), {}, "v_t must be .* with q_t's leading dims"),
+    ((STATE, Q[:, 0], Q[:, 0, :, :4], V[:, 0]), {}, "k_t must be .* with q_t's batch"),
+    ((STATE, Q[:, 0], Q[:, 0], V[:1, 0]), {}, "v_t must be .* with k_t's leading dims"),
     ((STATE, Q[:, :, 0, 0], Q[:, 0], V[:, 0]), {}, r"q_t must be \[batch, heads, key_dim\]"),
     ((STATE[0], Q[:, 0], Q[:, 0], V[:, 0]), {}, "state must be"),
     ((STATE, Q[:, 0], Q[:, 0], V[:, 0]), {"normalize": True},
@@ -101,10 +102,8 @@ def test_doubling_needs_a_power_of_two_axis():
         attention_in_layout_linear(q, q, q, mesh=mesh6, algorithm="doubling")
 
 
-def test_batch_and_heads_must_divide_by_their_mesh_axes(mesh2x2x2):
-    with pytest.raises(ValueError, match="batch 3 must divide by the 2 shards"):
-        attention_in_layout_linear(jnp.zeros((3, 8, 2, 4)), jnp.zeros((3, 8, 2, 4)),
-                                   jnp.zeros((3, 8, 2, 4)), mesh=mesh2x2x2)
-    with pytest.raises(ValueError, match="heads 3 must divide by the 2 shards"):
-        attention_in_layout_linear(jnp.zeros((2, 8, 3, 4)), jnp.zeros((2, 8, 3, 4)),
-                                   jnp.zeros((2, 8, 3, 4)), mesh=mesh2x2x2)
+def test_query_and_kv_heads_must_split_over_the_same_axes(mesh2x2x2):
+    q, kv = jnp.zeros((2, 8, 6, 4)), jnp.zeros((2, 8, 3, 4))
+    with pytest.raises(ValueError, match=r"kv_heads 3 does not divide by the mesh axes"
+                                         r" \['tensor'\] of size 2 that split the 6 query heads"):
+        attention_in_layout_linear(q, kv, kv, mesh=mesh2x2x2)

@@ -1,9 +1,9 @@
-"""Ring attention against the float64 reference: every layout, mask and head grouping.
+"""Strategies over local kernels against the float64 reference: every layout, mask, grouping.
 
-A covering design instead of the full product (each case compiles a
-forward+backward ring): every layout x mask x head grouping on a 4-device
-ring; every ring size in {1, 2, 4, 8} and the (8,), (2, 4) and (2, 2, 2)
-meshes on the cases that stress them most.
+On the (8,) mesh, the full product of every strategy and every local kernel
+that runs under one (as the registry lists them) x layout x mask x head
+grouping. The ring over blockwise, the default, also on a ring of 4, the
+(2, 4) mesh, and all pairs on rings of 1 and 2.
 """
 
 import functools
@@ -20,7 +20,11 @@ from ring_cases import HEADS, LAYOUTS, MASKS, check_against_reference, sub_mesh
 import lca
 from lca import layouts
 from lca.kernels import masks as masks_lib
+from lca.kernels import registry
 from lca.kernels.ring import ring_attention, shard_pair_kind
+
+STRATEGIES = registry.names("strategy")
+SHARDING_LOCALS = [e.name for e in registry.entries("local") if e.shards]
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +36,21 @@ def mesh4():
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_mask_and_head_grouping_on_a_ring_of_4(mesh4, layout, mask, heads):
-    check_against_reference(mesh4, layout, mask, HEADS[heads])
+    check_against_reference(mesh4, layout, mask, HEADS[heads], fast_compile=True)
 
 
-@pytest.mark.parametrize("heads", sorted(HEADS))
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_every_layout_mask_and_head_grouping_on_a_ring_of_8(mesh8, layout, mask, heads):
-    check_against_reference(mesh8, layout, mask, HEADS[heads], fast_compile=True)
+# Bidirectional only for the default pair: the others' causal masks cover its paths.
+PRODUCT_8 = [(impl, local, layout, mask, heads) for impl in STRATEGIES
+             for local in SHARDING_LOCALS for layout in LAYOUTS for mask in MASKS
+             for heads in sorted(HEADS) if mask != "bidirectional"
+             or (impl, local) == (registry.DEFAULT_STRATEGY, registry.DEFAULT_LOCAL)]
+
+
+@pytest.mark.parametrize("impl,local,layout,mask,heads", PRODUCT_8)
+def test_every_strategy_over_every_local_kernel_on_the_8_mesh(mesh8, impl, local, layout, mask,
+                                                              heads):
+    check_against_reference(mesh8, layout, mask, HEADS[heads], impl=impl, local=local,
+                            fast_compile=True)
 
 
 @pytest.mark.parametrize("heads", sorted(HEADS))

@@ -92,7 +92,7 @@ def test_bad_config_names_the_option(override, message):
 
 
 @pytest.mark.parametrize("override,message", [
-    ({"mesh": {"data": 3, "sequence": 2}}, r"config.mesh .* multiplies to 6, but there are 8"),
+    ({"mesh": {"data": 3, "sequence": 2}}, r"config.mesh .* multiply to 6, but there are 8"),
     ({"train.batch_size": 3}, r"config.train.batch_size \(3\) must be a multiple"),
     ({"data.seq_len": 60}, r"seq_len.*does not fit layout='zigzag' over 4 shards"),
 ])

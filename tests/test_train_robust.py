@@ -276,7 +276,7 @@ def refuse_to_compile(monkeypatch):
 
 
 @pytest.mark.parametrize("override,message", [
-    ({"mesh": {"data": 2, "sequence": 8}}, r"config.mesh .* multiplies to 16, but there are 8"
+    ({"mesh": {"data": 2, "sequence": 8}}, r"config.mesh .* multiply to 16, but there are 8"
                                            r" devices; make the product 8"),
     ({"train.batch_size": 5}, r"config.train.batch_size \(5\) must be a multiple of the batch"),
     ({"data.seq_len": 100}, r"seq_len.*does not fit layout='zigzag' over 4 shards"),

@@ -6,43 +6,31 @@ Dimension legend:
   bq / bk query / key block length, nq / nk number of query / key blocks.
 
 The forward pass walks key blocks with an online softmax; statistics and
-accumulators are float32 whatever the input dtype. The backward pass is a
-`jax.custom_vjp` that keeps only the inputs, the output and the float32
-log-sum-exp, and recomputes every tile. Each (query block, key block) pair is
+accumulators are float32 whatever the input dtype. The backward pass
+recomputes every tile from the inputs, the output and the float32
+log-sum-exp (on one device `lca.kernels.local.attend` saves only those).
+Each (query block, key block) pair is
 classified once from per-block position and segment extremes (see
 `masks.classify_blocks`): SKIP pairs cost no FLOPs, FULL pairs take the
 unmasked path, MASKED pairs build their small [B, bq, bk] mask. K and V keep
 their K heads: the G query heads of a group share one K/V tile in the einsum.
 
-`forward` and `backward` are exported for kernels built on this one (ring
-attention runs them once per ring step and merges by log-sum-exp).
+`forward` and `backward` are the local-kernel protocol (`lca.kernels.local`):
+every strategy runs them on the tokens a device holds; `KERNEL` is the
+registry's entry.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from lca.kernels import masks as masks_lib
 from lca.kernels import vma
-from lca.kernels.masks import MaskArrays, MaskSpec
-from lca.kernels.validation import check_attention_args, check_block
+from lca.kernels.local import LocalConfig, LocalKernel
+from lca.kernels.masks import MaskArrays
 
 F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockwiseConfig:
-    """Static options of one blockwise call (hashable: a `nondiff_argnums` key)."""
-
-    spec: MaskSpec
-    scale: float
-    block_q: int
-    block_k: int
 
 
 def _cdiv(a, b):
@@ -111,7 +99,7 @@ def _len_blocks(x_BT, block):
 class _Tiles:
     """Blocked views of one call's inputs and its block-pair classification."""
 
-    def __init__(self, cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays):
+    def __init__(self, cfg: LocalConfig, q, k, v, arrays: MaskArrays):
         self.cfg = cfg
         self.q_len, self.kv_len = q.shape[1], k.shape[1]
         self.kv_heads = k.shape[2]
@@ -143,7 +131,7 @@ class _Tiles:
         return s * self.cfg.scale
 
 
-def forward(cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays):
+def forward(cfg: LocalConfig, q, k, v, arrays: MaskArrays):
     """Output [B, T, H, D] float32 and log-sum-exp [B, T, H] float32.
 
     A query that sees no key gets output 0 and log-sum-exp -inf.
@@ -187,7 +175,7 @@ def forward(cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays):
     return _from_q_blocks(o, tiles.q_len), _from_row_blocks(lse, tiles.q_len)
 
 
-def backward(cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
+def backward(cfg: LocalConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
     """Gradients (dq, dk, dv), float32, of the attention output.
 
     Args:
@@ -250,69 +238,6 @@ def backward(cfg: BlockwiseConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
             _from_kv_blocks(dv, tiles.kv_len))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, arrays):
-    o, lse = forward(cfg, q, k, v, arrays)
-    return o.astype(q.dtype), lse
-
-
-def _attention_fwd(cfg, q, k, v, arrays):
-    o, lse = forward(cfg, q, k, v, arrays)
-    o = o.astype(q.dtype)
-    return (o, lse), (q, k, v, arrays, o, lse)
-
-
-def _attention_bwd(cfg, residuals, cotangents):
-    q, k, v, arrays, o, lse = residuals
-    do, dlse = cotangents
-    delta = (do.astype(F32) * o.astype(F32)).sum(-1) - dlse
-    dq, dk, dv = backward(cfg, q, k, v, arrays, lse, do, delta)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def make_config(q, k, *, causal, window, segments, scale, block_q, block_k):
-    """Resolves defaults (scale, blocks no longer than the inputs) into a config."""
-    check_block("block_q", block_q)
-    check_block("block_k", block_k)
-    head_dim = q.shape[-1]
-    return BlockwiseConfig(
-        spec=MaskSpec(bool(causal), None if window is None else int(window), segments),
-        scale=float(head_dim ** -0.5 if scale is None else scale),
-        block_q=min(int(block_q), q.shape[1]),
-        block_k=min(int(block_k), k.shape[1]))
-
-
-def blockwise_attention(q, k, v, *, causal=False, window=None, segment_ids=None,
-                        kv_segment_ids=None, positions=None, kv_positions=None,
-                        scale=None, block_q=512, block_k=512, return_lse=False):
-    """Exact softmax attention in tiles; memory linear in length.
-
-    Args:
-      q: [B, T, H, D] float32 or bfloat16 (float64 works too).
-      k, v: [B, S, K, D] with H % K == 0 (grouped-query; never repeated).
-      causal: query t sees key s only if positions[t] >= kv_positions[s].
-      window: with causal, also positions[t] - kv_positions[s] < window.
-      segment_ids, kv_segment_ids: int [B, T] / [B, S]; attend within equal ids.
-      positions, kv_positions: int [T] / [S] or [B, T] / [B, S]; default arange.
-      scale: logit scale, default D ** -0.5.
-      block_q, block_k: tile lengths; lengths need not be multiples of them.
-      return_lse: also return the float32 log-sum-exp [B, T, H].
-
-    Returns:
-      [B, T, H, D] in q's dtype (zeros for a query that sees no key), and with
-      `return_lse` the log-sum-exp (-inf for such a query).
-    """
-    batch, q_len, kv_len = check_attention_args(
-        q, k, v, causal=causal, window=window, segment_ids=segment_ids,
-        kv_segment_ids=kv_segment_ids, positions=positions, kv_positions=kv_positions,
-        scale=scale)
-    cfg = make_config(q, k, causal=causal, window=window, segments=segment_ids is not None,
-                      scale=scale, block_q=block_q, block_k=block_k)
-    arrays = masks_lib.make_mask_arrays(
-        batch, q_len, kv_len, positions=positions, kv_positions=kv_positions,
-        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
-    out, lse = _attention(cfg, q, k, v, arrays)
-    return (out, lse) if return_lse else out
+KERNEL = LocalKernel(
+    "blockwise", forward, backward,
+    doc="online-softmax tiles; fully masked tiles skipped, fully visible ones unmasked")

@@ -1,9 +1,11 @@
 """Causal linear attention with decay: chunked, recurrent and quadratic forms, one decoding step.
 
 Dimension legend:
-  B batch, T length, H heads, K key_dim, V value_dim.
+  B batch, T length, H query heads, J key/value heads (H % J == 0: grouped
+  query heads share k and v, which are never repeated), K key_dim, V value_dim.
 
-Per head, with g_t = log_decay_t <= 0 and q, k already through a feature map:
+Per query head h (reading key/value head h // (H / J)), with g_t = log_decay_t
+<= 0 per query head and q, k already through a feature map:
 
     S_t = exp(g_t) S_{t-1} + k_t v_tᵀ          state [K, V]
     o_t = S_tᵀ q_t                             (normalize=False)
@@ -77,14 +79,9 @@ def check_linear_args(q, k, v, *, log_decay=None, normalize=False, chunk_size=64
                       initial_state=None, impl="chunked"):
     """Validates the `linear_attention` signature before tracing; returns (B, T, H, K, V)."""
     _check_float("q", q, 4, "[batch, seq, heads, key_dim]")
-    _check_float("k", k, 4, "[batch, seq, heads, key_dim]")
-    _check_float("v", v, 4, "[batch, seq, heads, value_dim]")
-    if _shape(k) != _shape(q):
-        raise ValueError(f"k must have q's shape {_shape(q)} [batch, seq, heads, key_dim];"
-                         f" got {_shape(k)}")
-    if _shape(v)[:3] != _shape(q)[:3]:
-        raise ValueError(f"v must be [batch, seq, heads, value_dim] with q's leading dims"
-                         f" {_shape(q)[:3]}; got {_shape(v)}")
+    _check_float("k", k, 4, "[batch, seq, kv_heads, key_dim]")
+    _check_float("v", v, 4, "[batch, seq, kv_heads, value_dim]")
+    check_heads(_shape(q), _shape(k), _shape(v), "", "batch, seq")
     b, t, h, dk = _shape(q)
     dv = _shape(v)[3]
     check_log_decay(log_decay, [("[heads]", (h,)), ("[batch, seq, heads]", (b, t, h))])
@@ -103,6 +100,25 @@ def check_linear_args(q, k, v, *, log_decay=None, normalize=False, chunk_size=64
         if not jnp.issubdtype(_dtype(initial_state), jnp.floating):
             raise ValueError(f"initial_state must be a floating dtype; got {_dtype(initial_state)}")
     return b, t, h, dk, dv
+
+
+def check_heads(q, k, v, suffix, lead):
+    """Shapes q [..., H, K], k [..., J, K], v [..., J, V]: q's leading dims, H % J == 0.
+
+    lead: how the leading dims read in a message ("batch, seq" or "batch")."""
+    n = len(q) - 2
+    if k[:n] != q[:n] or k[-1] != q[-1]:
+        raise ValueError(f"k{suffix} must be [{lead}, kv_heads, key_dim] with q{suffix}'s"
+                         f" {lead} {q[:n]} and key_dim {q[-1]}; got {k}")
+    if v[:-1] != k[:-1]:
+        raise ValueError(f"v{suffix} must be [{lead}, kv_heads, value_dim] with k{suffix}'s"
+                         f" leading dims {k[:-1]}; got {v}")
+    heads, kv_heads = q[-2], k[-2]
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(
+            f"q{suffix} heads ({heads}) must be a multiple of kv_heads ({kv_heads}) for"
+            " grouped-query attention; kv_heads that would work:"
+            f" {[x for x in range(1, heads + 1) if heads % x == 0]}")
 
 
 def compute_dtype(dtype):
@@ -131,11 +147,14 @@ def per_token_log_decay(log_decay, batch, length, heads, acc):
 
 
 def _update(state, k_t, v_t, g_t):
-    """One token: S = exp(g) S + k vᵀ on [B, H, K, V]."""
-    outer = jnp.einsum("bhk,bhv->bhkv", k_t, v_t, preferred_element_type=state.dtype)
+    """One token: S = exp(g) S + k vᵀ on [B, H, K, V]; k_t, v_t [B, J, ...] per kv head."""
+    b, h = state.shape[:2]
+    j = k_t.shape[1]
+    outer = jnp.einsum("bjk,bjv->bjkv", k_t, v_t, preferred_element_type=state.dtype)
     if g_t is not None:
         state = jnp.exp(g_t)[..., None, None] * state
-    return state + outer
+    grouped = state.reshape((b, j, h // j) + state.shape[2:]) + outer[:, :, None]
+    return grouped.reshape(state.shape)
 
 
 def _recurrent(q, k, v, g, state, chunk_size):
@@ -165,8 +184,10 @@ def linear_attention(q, k, v, *, log_decay=None, normalize=False, chunk_size=64,
     """Causal linear attention with an optional decay per head or per token.
 
     Args:
-      q, k: [B, T, H, K], already through a feature map; v: [B, T, H, V].
-        float32 or bfloat16 (float64 works: states then are float64 too).
+      q: [B, T, H, K] and k: [B, T, J, K], already through a feature map;
+        v: [B, T, J, V], H % J == 0 (grouped-query heads: each group of H / J
+        query heads reads one k/v head, never repeated). float32 or bfloat16
+        (float64 works: states then are float64 too).
       log_decay: g <= 0, per head [H] (constant decay, as Lightning Attention /
         retention) or per token [B, T, H] (gated, as Mamba-2 / GLA); None: no
         decay. Positive entries raise a ValueError when the array is concrete;
@@ -210,7 +231,7 @@ def linear_attention_step(state, q_t, k_t, v_t, *, log_decay=None, normalize=Fal
     Args:
       state: [B, H, K, V] ([B, H, K, V + 1] with normalize), as returned by
         `linear_attention(..., return_state=True)` or a previous step.
-      q_t, k_t: [B, H, K]; v_t: [B, H, V].
+      q_t: [B, H, K]; k_t: [B, J, K]; v_t: [B, J, V], H % J == 0.
       log_decay: g_t <= 0, [H] or [B, H]; None: no decay.
       normalize: as in `linear_attention`; must match how the state was made.
 
@@ -219,13 +240,9 @@ def linear_attention_step(state, q_t, k_t, v_t, *, log_decay=None, normalize=Fal
       float64 inputs).
     """
     _check_float("q_t", q_t, 3, "[batch, heads, key_dim]")
-    _check_float("k_t", k_t, 3, "[batch, heads, key_dim]")
-    _check_float("v_t", v_t, 3, "[batch, heads, value_dim]")
-    if _shape(k_t) != _shape(q_t):
-        raise ValueError(f"k_t must have q_t's shape {_shape(q_t)}; got {_shape(k_t)}")
-    if _shape(v_t)[:2] != _shape(q_t)[:2]:
-        raise ValueError(f"v_t must be [batch, heads, value_dim] with q_t's leading dims"
-                         f" {_shape(q_t)[:2]}; got {_shape(v_t)}")
+    _check_float("k_t", k_t, 3, "[batch, kv_heads, key_dim]")
+    _check_float("v_t", v_t, 3, "[batch, kv_heads, value_dim]")
+    check_heads(_shape(q_t), _shape(k_t), _shape(v_t), "_t", "batch")
     if not isinstance(normalize, (bool, np.bool_)):
         raise ValueError(f"normalize must be a bool; got {normalize!r}")
     b, h, dk = _shape(q_t)

@@ -1,7 +1,8 @@
 """The chunked form of causal linear attention with decay (Lightning Attention-2 style).
 
 Dimension legend:
-  B batch, T length, H heads, K key_dim, V value_dim (V + 1 when the key-sum
+  B batch, T length, H query heads, J key/value heads (H % J == 0, grouped
+  query heads), G = H // J, K key_dim, V value_dim (V + 1 when the key-sum
   column of `normalize` rides along), C chunk length, N chunks per scan step,
   L = N * C tokens per scan step.
 
@@ -11,7 +12,9 @@ Recurrence per head, g_t = log_decay_t <= 0:
 
 Inside a chunk the output is a masked product (q kᵀ ⊙ decay) v plus the
 incoming state read through the decayed query; across chunks only the
-[K, V] state travels. One scan step takes N chunks at once: their intra-chunk
+[K, V] state travels, one per query head (each has its own decay), while
+k and v keep their J heads: the G query heads of a group read them in one
+einsum, never a repeated copy. One scan step takes N chunks at once: their intra-chunk
 products, their chunk-local states, and the states entering each chunk (an
 [N, N] decay-weighted mix of the chunk-local states) are all matrix products,
 and only the [B, H, K, V] state is carried from step to step.
@@ -95,7 +98,7 @@ def block(q, k, v, g, state):
     """N chunks of C tokens and the state entering the first one.
 
     Args:
-      q, k: [B, N, C, H, K]; v: [B, N, C, H, V].
+      q: [B, N, C, H, K]; k: [B, N, C, J, K]; v: [B, N, C, J, V].
       g: [B, N, C, H] log decays (compute dtype) or None for no decay.
       state: [B, H, K, V] state before the first token (compute dtype).
 
@@ -104,27 +107,32 @@ def block(q, k, v, g, state):
       state's dtype.
     """
     acc = state.dtype
-    c = q.shape[2]
-    scores = jnp.einsum("bnthk,bnshk->bnhts", q, k, preferred_element_type=acc)
+    b, n, c, h, dk = q.shape
+    j = k.shape[3]
+    q = q.reshape(b, n, c, j, h // j, dk)
+    state = state.reshape(b, j, h // j, dk, -1)
+    scores = jnp.einsum("bntjgk,bnsjk->bnjgts", q, k, preferred_element_type=acc)
     if g is None:
         weights = jnp.where(jnp.tril(jnp.ones((c, c), bool)), scores, 0)
-        q_in, k_out = q, k
-        chunk_states = jnp.einsum("bnshk,bnshv->bnhkv", k, v, preferred_element_type=acc)
-        after = jnp.cumsum(chunk_states, axis=1) + state[:, None]
+        q_in = q
+        chunk_states = jnp.einsum("bnsjk,bnsjv->bnjkv", k, v, preferred_element_type=acc)
+        after = jnp.cumsum(chunk_states, axis=1)[:, :, :, None] + state[:, None]
     else:
-        table = decay_table(jnp.moveaxis(g, -1, 2))  # [B, N, H, C + 1, C + 1]
+        g = g.reshape(b, n, c, j, h // j)
+        table = decay_table(jnp.moveaxis(g, 2, -1))  # [B, N, J, G, C + 1, C + 1]
         weights = scores * table[..., 1:, 1:]
-        q_in = q * jnp.moveaxis(table[..., 1:, 0], 2, -1)[..., None]  # from the chunk's start
-        k_out = k * jnp.moveaxis(table[..., -1, 1:], 2, -1)[..., None]  # to the chunk's end
-        chunk_states = jnp.einsum("bnshk,bnshv->bnhkv", k_out, v, preferred_element_type=acc)
-        chunks = decay_table(jnp.moveaxis(g.sum(axis=2), 1, -1))  # [B, H, N + 1, N + 1]
+        q_in = q * jnp.moveaxis(table[..., 1:, 0], -1, 2)[..., None]  # from the chunk's start
+        to_end = jnp.moveaxis(table[..., -1, 1:], -1, 2)  # [B, N, C, J, G]: to the chunk's end
+        k_out = k[:, :, :, :, None] * to_end[..., None]
+        chunk_states = jnp.einsum("bnsjgk,bnsjv->bnjgkv", k_out, v, preferred_element_type=acc)
+        chunks = decay_table(jnp.moveaxis(g.sum(axis=2), 1, -1))  # [B, J, G, N + 1, N + 1]
         carried = jnp.moveaxis(chunks[..., 1:, 0], -1, 1)[..., None, None] * state[:, None]
-        after = jnp.einsum("bhji,bihkv->bjhkv", chunks[..., 1:, 1:], chunk_states,
+        after = jnp.einsum("bjgmi,bijgkv->bmjgkv", chunks[..., 1:, 1:], chunk_states,
                            preferred_element_type=acc) + carried
-    incoming = jnp.concatenate([state[:, None], after[:, :-1]], axis=1)  # [B, N, H, K, V]
-    out = (jnp.einsum("bnhts,bnshv->bnthv", weights, v, preferred_element_type=acc)
-           + jnp.einsum("bnthk,bnhkv->bnthv", q_in, incoming, preferred_element_type=acc))
-    return out, after[:, -1]
+    incoming = jnp.concatenate([state[:, None], after[:, :-1]], axis=1)  # [B, N, J, G, K, V]
+    out = (jnp.einsum("bnjgts,bnsjv->bntjgv", weights, v, preferred_element_type=acc)
+           + jnp.einsum("bntjgk,bnjgkv->bntjgv", q_in, incoming, preferred_element_type=acc))
+    return out.reshape(b, n, c, h, -1), after[:, -1].reshape(b, h, dk, -1)
 
 
 def geometry(length, chunk_size, chunks_per_step=CHUNKS_PER_STEP):
@@ -174,7 +182,7 @@ def chunked(q, k, v, g, state, chunk_size, chunks_per_step=CHUNKS_PER_STEP):
     """Chunked causal linear attention.
 
     Args:
-      q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] or None;
+      q: [B, T, H, K]; k: [B, T, J, K]; v: [B, T, J, V]; g: [B, T, H] or None;
       state: [B, H, K, V] initial state in the compute dtype.
       chunk_size: C (clipped to T); T need not be a multiple of it.
 
@@ -199,24 +207,31 @@ def quadratic(q, k, v, g, state):
     return out[:, 0], state
 
 
-def segment_state(k, v, g, acc, chunk_size):
+def segment_state(k, v, g, acc, chunk_size, heads):
     """(total log decay [B, H], state [B, H, K, V]) of a segment from a zero state.
 
-    A [K, L] x [L, V] product per head and scan step of L tokens, nothing
+    k [B, T, J, K], v [B, T, J, V], g [B, T, H] or None; `heads` = H. A
+    [K, L] x [L, V] product per head and scan step of L tokens, nothing
     [B, T, ...] kept: what a shard publishes before its own output exists.
     """
-    b, t, h = k.shape[:3]
+    b, t, j = k.shape[:3]
+    group = heads // j
     c, n, steps = geometry(t, chunk_size)
 
     def step(carry, x):
         total, state = carry
         k, v, g = x
-        if g is not None:
-            k = k * jnp.exp(tail_sums(g, axis=1))[..., None]
+        if g is None:
+            add = jnp.einsum("bsjk,bsjv->bjkv", k, v, preferred_element_type=acc)[:, :, None]
+        else:
+            g = g.reshape(g.shape[:2] + (j, group))
+            k = k[:, :, :, None] * jnp.exp(tail_sums(g, axis=1))[..., None]  # [B, L, J, G, K]
             step_total = g.sum(axis=1)
-            total, state = total + step_total, jnp.exp(step_total)[..., None, None] * state
-        return (total, state + jnp.einsum("bshk,bshv->bhkv", k, v,
-                                          preferred_element_type=acc)), None
+            total = total + step_total
+            state = jnp.exp(step_total)[..., None, None] * state
+            add = jnp.einsum("bsjgk,bsjv->bjgkv", k, v, preferred_element_type=acc)
+        return (total, state + add), None
 
-    zero = (jnp.zeros((b, h), acc), jnp.zeros((b, h, k.shape[3], v.shape[3]), acc))
-    return scan_steps(step, zero, (k, v, g), t, n * c, steps)[0]
+    zero = (jnp.zeros((b, j, group), acc), jnp.zeros((b, j, group, k.shape[3], v.shape[3]), acc))
+    total, state = scan_steps(step, zero, (k, v, g), t, n * c, steps)[0]
+    return total.reshape(b, heads), state.reshape((b, heads) + state.shape[3:])

@@ -1,7 +1,8 @@
 """Causal linear attention across a mesh axis: one shard's kernel, run inside `jax.shard_map`.
 
 Dimension legend:
-  B batch (per shard), T local length, H heads, K key_dim, V value_dim (V + 1
+  B batch (per shard), T local length, H query heads (J key/value heads,
+  H % J == 0), K key_dim, V value_dim (V + 1
   with normalize), n shards on the axis, r this shard's index, m segments per
   shard (1 for the contiguous layout, 2 for zigzag), Ls = T / m.
 
@@ -181,7 +182,8 @@ def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout=
     starts from zero on shard 0's first token.
 
     Args:
-      q, k: [B, T, H, K] local shard; v: [B, T, H, V].
+      q: [B, T, H, K], k: [B, T, J, K], v: [B, T, J, V] local shard, H % J == 0
+        (grouped-query heads, never repeated).
       axis_name: the mesh axis that splits the sequence.
       algorithm: "allgather", "ring" or "doubling" (module docstring).
       layout: "contiguous" or "zigzag" (T even: two halves, chunks r and 2n-1-r).
@@ -213,7 +215,7 @@ def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout=
     q, k, v, g = (_fold_segments(x, m) for x in (q, k, v, g))
 
     # 1. This shard's segment summaries, then at once the collective.
-    gamma, state = linear_chunked.segment_state(k, v, g, acc, int(chunk_size))
+    gamma, state = linear_chunked.segment_state(k, v, g, acc, int(chunk_size), h)
     pairs = (gamma.reshape((m, b) + gamma.shape[1:]), state.reshape((m, b) + state.shape[1:]))
     incoming = _SCANS[algorithm](pairs, axis_name, n, r)  # [m, B, H, K, V]
     # 2. The local output from a zero state: independent of the collective.

@@ -4,17 +4,17 @@ Dimension legend (all per shard):
   B batch, T local query length, S local key/value length, H query heads,
   K kv heads (H % K == 0), D head_dim, n ring size (devices on `axis_name`).
 
-`ring_attention` runs inside `jax.shard_map`. Each device keeps its queries;
-the K/V shards walk the ring. At step s device r holds the K/V shard of
-device r - s (mod n) and
+`ring_attention` runs inside `jax.shard_map` with any local kernel
+(`lca.kernels.local`). Each device keeps its queries; the K/V shards walk
+the ring. At step s device r holds the K/V shard of device r - s (mod n) and
 
   * issues the `ppermute` that brings the next shard before computing, so the
     transfer can overlap the step's work; n - 1 hops in all, none wasted;
   * classifies the (local queries, visiting keys) shard pair from position
     and segment extremes (`masks.classify_blocks`, one block per shard): a
-    fully masked pair costs no FLOPs; any other runs the blockwise kernel,
-    which classifies its own tiles the same way, so every tile of a fully
-    visible pair takes the unmasked path;
+    fully masked pair costs no FLOPs; any other runs the local kernel's
+    forward (a tiled kernel classifies its own tiles the same way, so every
+    tile of a fully visible pair takes the unmasked path);
   * merges the step's output and float32 log-sum-exp into the running ones.
 
 K and V travel as one [2, B, S, K, D] buffer in the input dtype, with only
@@ -22,8 +22,8 @@ the K kv heads; the positions and segment ids of those tokens travel with
 them, so masks follow the tokens whatever the layout.
 
 The backward pass is a `jax.custom_vjp` that saves only the inputs, the
-output and the float32 log-sum-exp. The backward ring recomputes each step
-with `blockwise.backward`, given the row's global log-sum-exp, so each
+output and the float32 log-sum-exp. The backward ring runs the local
+kernel's backward at each step, given the row's global log-sum-exp, so each
 step's gradients are exact parts of the total. dK/dV accumulate in float32
 in a buffer that travels with its K/V shard and goes home at the end.
 """
@@ -37,11 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lca.kernels import blockwise
+from lca.kernels import local as local_lib
 from lca.kernels import masks as masks_lib
-from lca.kernels import vma
+from lca.kernels import strategy, vma
 from lca.kernels.masks import MaskArrays, MaskSpec
-from lca.kernels.validation import check_attention_args
 
 F32 = jnp.float32
 
@@ -73,7 +72,7 @@ def shard_pair_kind(spec: MaskSpec, q_pos, kv_pos, q_seg=None, kv_seg=None):
 def _unless_masked(cfg, arrays, skip, compute):
     """`compute()` unless the shard pair is fully masked, then `skip()` (no FLOPs).
 
-    The blockwise kernel classifies its own tiles the same way, so in a fully
+    A tiled local kernel classifies its own tiles the same way, so in a fully
     visible pair every tile is FULL and takes the unmasked path; a second,
     unmasked copy of the step need not be compiled.
     """
@@ -83,19 +82,11 @@ def _unless_masked(cfg, arrays, skip, compute):
     return lax.cond(kind == masks_lib.SKIP, skip, compute)
 
 
-def _merge(out, lse, out_t, lse_t):
-    """Log-sum-exp merge of two normalised partial results (float32); -inf rows stay 0."""
-    lse_new = jnp.logaddexp(lse, lse_t)
-    safe = jnp.where(jnp.isfinite(lse_new), lse_new, 0.0)
-    w, w_t = jnp.exp(lse - safe), jnp.exp(lse_t - safe)
-    return w[..., None] * out + w_t[..., None] * out_t, lse_new
-
-
-def step_forward(cfg, q, kv, arrays: MaskArrays, out, lse):
+def step_forward(kernel, cfg, q, kv, arrays: MaskArrays, out, lse):
     """One forward ring step: the local queries attend to the visiting K/V shard.
 
     Args:
-      cfg: `blockwise.BlockwiseConfig`.
+      kernel, cfg: the `local.LocalKernel` and its `local.LocalConfig`.
       q: [B, T, H, D]; kv: [2, B, S, K, D] (K and V stacked).
       arrays: MaskArrays of the local queries and the visiting keys.
       out, lse: float32 [B, T, H, D] / [B, T, H], the result so far.
@@ -105,13 +96,13 @@ def step_forward(cfg, q, kv, arrays: MaskArrays, out, lse):
       shard pair is fully masked.
     """
     def attend():
-        out_t, lse_t = blockwise.forward(cfg, q, kv[0], kv[1], arrays)
-        return _merge(out, lse, out_t, lse_t)
+        out_t, lse_t = kernel.forward(cfg, q, kv[0], kv[1], arrays)
+        return local_lib.merge(out, lse, out_t.astype(out.dtype), lse_t.astype(lse.dtype))
 
     return _unless_masked(cfg, arrays, lambda: (out, lse), attend)
 
 
-def step_backward(cfg, q, kv, arrays: MaskArrays, lse, do, delta, dq, dkv):
+def step_backward(kernel, cfg, q, kv, arrays: MaskArrays, lse, do, delta, dq, dkv):
     """One backward ring step: gradient parts from the visiting K/V shard.
 
     lse and delta ([B, T, H] float32) are the rows' global log-sum-exp and
@@ -119,39 +110,41 @@ def step_backward(cfg, q, kv, arrays: MaskArrays, lse, do, delta, dq, dkv):
     this step's float32 parts added to dq [B, T, H, D] and dkv [2, B, S, K, D].
     """
     def grads():
-        dq_t, dk_t, dv_t = blockwise.backward(cfg, q, kv[0], kv[1], arrays, lse, do, delta)
-        return dq + dq_t, dkv + jnp.stack([dk_t, dv_t])
+        dq_t, dk_t, dv_t = kernel.backward(cfg, q, kv[0], kv[1], arrays, lse, do, delta)
+        return dq + dq_t.astype(dq.dtype), dkv + jnp.stack([dk_t, dv_t]).astype(dkv.dtype)
 
     return _unless_masked(cfg, arrays, lambda: (dq, dkv), grads)
 
 
-def _ring_forward(cfg, axis_name, steps, q, k, v, arrays):
+def _ring_forward(kernel, cfg, axis_name, steps, q, k, v, arrays):
     n = lax.axis_size(axis_name)
     b, t, h, d = q.shape
 
     def compute(acc, travel):
         kv, kv_pos, kv_seg = travel
-        return step_forward(cfg, q, kv, arrays._replace(kv_pos=kv_pos, kv_seg=kv_seg), *acc)
+        return step_forward(kernel, cfg, q, kv, arrays._replace(kv_pos=kv_pos, kv_seg=kv_seg),
+                            *acc)
 
     def ring_step(carry, _):
         acc, travel = carry
         arriving = _shift(travel, axis_name, n)  # issued before this step's compute
         return (compute(acc, travel), arriving), None
 
-    acc = vma.like((jnp.zeros((b, t, h, d), F32), jnp.full((b, t, h), -jnp.inf, F32)),
+    dtype = jnp.promote_types(q.dtype, F32)  # float64 for a float64-capable kernel
+    acc = vma.like((jnp.zeros((b, t, h, d), dtype), jnp.full((b, t, h), -jnp.inf, dtype)),
                    q, k, v, arrays)
     travel = (jnp.stack([k, v]), arrays.kv_pos, arrays.kv_seg)
     (acc, travel), _ = lax.scan(ring_step, (acc, travel), None, length=steps - 1)
     return compute(acc, travel)
 
 
-def _ring_backward(cfg, axis_name, steps, q, k, v, arrays, out, lse, do, dlse):
+def _ring_backward(kernel, cfg, axis_name, steps, q, k, v, arrays, out, lse, do, dlse):
     n = lax.axis_size(axis_name)
-    delta = (do.astype(F32) * out.astype(F32)).sum(-1) - dlse
+    delta = local_lib.row_delta(do, out, dlse)
 
     def compute(dq, travel, dkv):
         kv, kv_pos, kv_seg = travel
-        return step_backward(cfg, q, kv, arrays._replace(kv_pos=kv_pos, kv_seg=kv_seg),
+        return step_backward(kernel, cfg, q, kv, arrays._replace(kv_pos=kv_pos, kv_seg=kv_seg),
                              lse, do, delta, dq, dkv)
 
     def ring_step(carry, _):
@@ -161,7 +154,8 @@ def _ring_backward(cfg, axis_name, steps, q, k, v, arrays, out, lse, do, dlse):
         return (dq, arriving, _shift(dkv, axis_name, n)), None  # dK/dV follow their block
 
     travel = (jnp.stack([k, v]), arrays.kv_pos, arrays.kv_seg)
-    zeros = vma.like((jnp.zeros(q.shape, F32), jnp.zeros((2,) + k.shape, F32)),
+    dtype = jnp.promote_types(q.dtype, F32)
+    zeros = vma.like((jnp.zeros(q.shape, dtype), jnp.zeros((2,) + k.shape, dtype)),
                      q, k, v, arrays, do)
     carry = (zeros[0], travel, zeros[1])
     (dq, travel, dkv), _ = lax.scan(ring_step, carry, None, length=steps - 1)
@@ -171,60 +165,47 @@ def _ring_backward(cfg, axis_name, steps, q, k, v, arrays, out, lse, do, dlse):
     return dq, dkv[0], dkv[1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _ring(cfg, axis_name, steps, q, k, v, arrays):
-    out, lse = _ring_forward(cfg, axis_name, steps, q, k, v, arrays)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _ring(kernel, cfg, axis_name, steps, q, k, v, arrays):
+    out, lse = _ring_forward(kernel, cfg, axis_name, steps, q, k, v, arrays)
     return out.astype(q.dtype), lse
 
 
-def _ring_fwd(cfg, axis_name, steps, q, k, v, arrays):
-    out, lse = _ring_forward(cfg, axis_name, steps, q, k, v, arrays)
-    out = out.astype(q.dtype)
+def _ring_fwd(kernel, cfg, axis_name, steps, q, k, v, arrays):
+    out, lse = _ring(kernel, cfg, axis_name, steps, q, k, v, arrays)
     return (out, lse), (q, k, v, arrays, out, lse)
 
 
-def _ring_bwd(cfg, axis_name, steps, residuals, cotangents):
+def _ring_bwd(kernel, cfg, axis_name, steps, residuals, cotangents):
     q, k, v, arrays, out, lse = residuals
     do, dlse = cotangents
-    dq, dk, dv = _ring_backward(cfg, axis_name, steps, q, k, v, arrays, out, lse, do, dlse)
+    dq, dk, dv = _ring_backward(kernel, cfg, axis_name, steps, q, k, v, arrays, out, lse, do,
+                                dlse)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def shard_mask_arrays(q, k, axis_name, *, positions=None, kv_positions=None, segment_ids=None,
-                      kv_segment_ids=None) -> MaskArrays:
-    """This shard's MaskArrays; positions default to the contiguous layout.
+def window_steps(window, shard_len, num_shards):
+    """Ring steps a causal window needs on the contiguous layout: 1 + ceil((w - 1) / L), at most n.
 
-    Without positions, queries sit at axis_index * T + arange(T) and keys at
-    axis_index * S + arange(S); with positions, kv_positions default to them
-    (self-attention over the same tokens).
+    A query at the start of shard r sees back to w - 1 tokens before it; the
+    shard s hops upstream ends (s - 1) L + 1 tokens before that query.
     """
-    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
-
-    def contiguous(length):
-        return lax.axis_index(axis_name) * length + jnp.arange(length, dtype=jnp.int32)
-
-    if kv_positions is None:
-        if positions is None:
-            kv_positions = contiguous(kv_len)
-        elif kv_len == q_len:
-            kv_positions = positions
-        else:
-            raise ValueError(
-                f"kv_positions is needed when positions are given and the local key length"
-                f" ({kv_len}) differs from the query length ({q_len})")
-    if positions is None:
-        positions = contiguous(q_len)
-    return masks_lib.make_mask_arrays(
-        batch, q_len, kv_len, positions=positions, kv_positions=kv_positions,
-        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    return min(num_shards, 1 + -(-(window - 1) // shard_len))
 
 
-def ring_attention(q, k, v, *, axis_name, causal=False, window=None, segment_ids=None,
-                   kv_segment_ids=None, positions=None, kv_positions=None, scale=None,
-                   block_q=512, block_k=512, max_steps=None, return_lse=False):
+def layout_options(layout, causal, window, shard_len, num_shards):
+    """Options `attention_in_layout` passes for a layout: fewer steps for a contiguous window."""
+    if layout == "contiguous" and causal and window is not None:
+        return {"max_steps": window_steps(window, shard_len, num_shards)}
+    return {}
+
+
+def ring_attention(q, k, v, *, axis_name, local=None, causal=False, window=None,
+                   segment_ids=None, kv_segment_ids=None, positions=None, kv_positions=None,
+                   scale=None, block_q=None, block_k=None, max_steps=None, return_lse=False):
     """Exact softmax attention of this shard's queries over the whole ring's keys.
 
     Call inside `jax.shard_map` with the sequence dimension sharded on
@@ -234,6 +215,8 @@ def ring_attention(q, k, v, *, axis_name, causal=False, window=None, segment_ids
       q: [B, T, H, D] float32 or bfloat16.
       k, v: [B, S, K, D], H % K == 0 (grouped-query heads are never repeated).
       axis_name: the mesh axis the sequence is sharded on (the ring).
+      local: the local kernel each step runs: a registry name
+        (`lca.kernels.registry`), a `local.LocalKernel`, or None for the default.
       causal, window: as in `lca.attention`, on global positions.
       segment_ids, kv_segment_ids: int [B, T] / [B, S] local shards; attend
         only within equal ids; kv_segment_ids defaults to segment_ids.
@@ -241,33 +224,29 @@ def ring_attention(q, k, v, *, axis_name, causal=False, window=None, segment_ids
         positions of the local tokens. Default: the contiguous layout,
         axis_index * T + arange(T); kv_positions defaults to positions.
       scale: logit scale, default D ** -0.5.
-      block_q, block_k: tile lengths of each step's blockwise attention. For
-        zigzag, a divisor of T / 2 keeps tiles inside one chunk.
+      block_q, block_k: tile lengths of each step's local kernel (default: the
+        kernel's, `local.default_tiles`). For zigzag, a divisor of T / 2 keeps
+        tiles inside one chunk.
       max_steps: ring steps to take (default n, the whole ring). Fewer skips
         the shards more than max_steps - 1 hops upstream; only correct when
         every such pair is masked, as for a causal window w with
-        max_steps >= 1 + ceil((w - 1) / S) on the contiguous layout
-        (`lca.parallel.sequence` sets it there).
+        max_steps >= `window_steps(w, S, n)` on the contiguous layout
+        (`layout_options` sets it there).
       return_lse: also return the float32 log-sum-exp [B, T, H].
 
     Returns:
       [B, T, H, D] in q's dtype (zeros for a query that sees no key), and with
       `return_lse` the log-sum-exp (-inf for such a query).
     """
-    check_attention_args(
-        q, k, v, causal=causal, window=window, segment_ids=segment_ids,
-        kv_segment_ids=kv_segment_ids, positions=positions, kv_positions=kv_positions,
-        scale=scale)
+    kernel, cfg, arrays = strategy.prepare(
+        "ring", q, k, v, axis_name=axis_name, local=local, causal=causal, window=window,
+        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, positions=positions,
+        kv_positions=kv_positions, scale=scale, block_q=block_q, block_k=block_k)
     n = lax.axis_size(axis_name)
     if max_steps is not None and (isinstance(max_steps, bool)
                                   or not isinstance(max_steps, (int, np.integer))
                                   or max_steps < 1):
         raise ValueError(f"max_steps must be a positive integer or None; got {max_steps!r}")
     steps = n if max_steps is None else min(int(max_steps), n)
-    cfg = blockwise.make_config(q, k, causal=causal, window=window,
-                                segments=segment_ids is not None, scale=scale,
-                                block_q=block_q, block_k=block_k)
-    arrays = shard_mask_arrays(q, k, axis_name, positions=positions, kv_positions=kv_positions,
-                               segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
-    out, lse = _ring(cfg, axis_name, steps, q, k, v, arrays)
+    out, lse = _ring(kernel, cfg, axis_name, steps, q, k, v, arrays)
     return (out, lse) if return_lse else out

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lca.kernels import masks as masks_lib
+from lca.kernels.local import LocalKernel
 from lca.kernels.validation import check_attention_args
 
 
@@ -43,3 +44,8 @@ def xla_attention(q, k, v, *, causal=False, window=None, segment_ids=None,
     out = jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None], scale=scale,
                                        implementation=implementation)
     return jnp.where(mask_BTS.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+KERNEL = LocalKernel(
+    "xla", None, None, tiles=None, direct=xla_attention, baseline=True,
+    doc="jax.nn.dot_product_attention, differentiated by XLA: the dense baseline, one device")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from lca.kernels import registry
+
 LAYOUTS = ("contiguous", "striped", "zigzag")
 FEATURE_MAPS = ("elu1", "relu", "taylor2", "hedgehog", "identity")
 
@@ -23,10 +25,13 @@ class LinearOptions:
 class ModelConfig:
     """A decoder-only transformer.
 
-    `attention` lists each layer's kernel by name; a shorter list is cycled
-    over the layers, so ("linear", "linear", "linear", "ring") with
-    `layers=8` is two hybrid groups. `layout` is the token layout of the
-    whole model (the permutation happens once, at the input).
+    `attention` lists each layer's kernel by its `lca.kernels.registry` name
+    (a local kernel, a strategy or the linear family); a shorter list is
+    cycled over the layers, so ("linear", "linear", "linear", "ring") with
+    `layers=8` is two hybrid groups. `local` is the local kernel every
+    strategy layer runs on its shard. `layout` is the token layout of the
+    whole model (the permutation happens once, at the input). block_q /
+    block_k 0: the local kernel's default tiles (the registry's).
     """
 
     vocab_size: int = 256
@@ -36,11 +41,12 @@ class ModelConfig:
     kv_heads: int = 2
     head_dim: int = 16
     mlp: int = 256
-    attention: tuple[str, ...] = ("blockwise",)
+    attention: tuple[str, ...] = (registry.DEFAULT_LOCAL,)
+    local: str = registry.DEFAULT_LOCAL  # the local kernel strategies run
     layout: str = "contiguous"
     window: int = 0               # causal sliding window in tokens; 0 = none
-    block_q: int = 128
-    block_k: int = 128
+    block_q: int = 0              # tile lengths; 0 = the local kernel's default
+    block_k: int = 0
     linear: LinearOptions = LinearOptions()
     tied_embeddings: bool = False
     rope_base: float = 10000.0

@@ -1,124 +1,172 @@
-"""The layer -> kernel registry: attention layers name a kernel, this file calls it.
+"""The layer -> kernel call: a layer names a registry entry, an adapter calls it.
 
-An adapter takes q [B, T, H, D], k and v [B, T, K, D] in the model's layout
-order, a `KernelInputs` (positions and segment ids in that order, the model
-config, the sharding context, and any parameters the kernel needs, such as a
-linear layer's decay or feature-map weights) and returns [B, T, H, D].
+Dimension legend: B batch, T length (layout order), H heads, K kv heads, D head_dim.
 
-A new kernel plugs in by adding one adapter here (or calling `register`);
-the model never changes. Kernels that need the mesh's sequence axis (`ring`,
-`allgather`, `linear` across shards) run through
-`lca.parallel.sequence.attention_in_layout`, which expects arrays already in
-layout order: the model permuted once, at its input.
+`config.model.attention` names entries of `lca.kernels.registry`; each kind
+has one adapter here, so a kernel registered there is usable by the model
+with nothing added here:
+
+  local     the kernel on the tokens this program holds (`lca.attention`);
+  strategy  the strategy over the mesh's sequence axis, running the local
+            kernel `config.model.local` on each shard
+            (`lca.parallel.sequence.attention_in_layout`); with one sequence
+            shard, that local kernel alone;
+  linear    causal linear attention; its adapter owns the layer's kernel
+            parameters (`LinearParams`: decay, feature-map weights).
+
+A layer builds one `KernelCall` from its config (the mask spec, the layout,
+the local kernel, the tiles, the linear options) and passes it, with the
+sharding context and the positions and segment ids of its tokens in layout
+order, to `adapter(name)`. K and V keep their K heads throughout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from lca.attention import attention as single_device_attention
-from lca.kernels import feature_maps
+from lca.attention import attention as local_attention
+from lca.kernels import feature_maps, registry
 from lca.kernels.linear import linear_attention
-from lca.models.config import ModelConfig
+from lca.kernels.masks import MaskSpec
+from lca.models.config import LinearOptions, ModelConfig
+from lca.models.layers import param
 from lca.parallel.sequence import attention_in_layout
 from lca.parallel.sharding import ShardingContext
 
 
 @dataclasses.dataclass(frozen=True)
-class KernelInputs:
-    positions: Any                 # int [B, T] in layout order, or None (arange, contiguous)
-    segment_ids: Any               # int [B, T] in layout order, or None
-    config: ModelConfig
-    ctx: ShardingContext | None
-    params: dict = dataclasses.field(default_factory=dict)
+class KernelCall:
+    """What a layer's kernel needs besides the arrays: static, resolved once per layer.
 
-    @property
-    def window(self):
-        return self.config.window or None
+    block_q / block_k None: the local kernel's default tiles from the registry
+    (`lca.kernels.local.default_tiles`), resolved for each call's shapes.
+    """
+
+    name: str
+    local: str
+    spec: MaskSpec
+    layout: str
+    block_q: int | None
+    block_k: int | None
+    linear: LinearOptions
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, name: str) -> "KernelCall":
+        adapter(name)  # unknown names fail here, before anything is traced
+        return cls(name, config.local, MaskSpec(True, config.window or None), config.layout,
+                   config.block_q or None, config.block_k or None, config.linear)
+
+    def tiles(self):
+        return {k: v for k, v in (("block_q", self.block_q), ("block_k", self.block_k))
+                if v is not None}
 
 
-def _local(impl):
-    def adapter(q, k, v, inputs: KernelInputs):
-        options = {}
-        if impl == "blockwise":
-            options = dict(block_q=inputs.config.block_q, block_k=inputs.config.block_k)
-        return single_device_attention(q, k, v, impl=impl, causal=True, window=inputs.window,
-                             segment_ids=inputs.segment_ids, positions=inputs.positions,
-                             kv_positions=inputs.positions, **options)
-    return adapter
+def _one_device(impl, q, k, v, call, positions, segment_ids):
+    tiles = call.tiles() if registry.local_kernel(impl).tiles else {}
+    return local_attention(q, k, v, impl=impl, causal=True, window=call.spec.window,
+                           segment_ids=segment_ids, positions=positions,
+                           kv_positions=positions, **tiles)
 
 
-def _sequence_parallel(impl):
-    """Kernels that run per shard of the sequence axis; blockwise when there is one shard."""
+def _sharded(ctx: ShardingContext | None) -> bool:
+    return ctx is not None and ctx.sequence_shards > 1
 
-    def adapter(q, k, v, inputs: KernelInputs):
-        ctx = inputs.ctx
-        if ctx is None or ctx.sequence_shards == 1:
-            return _local("blockwise")(q, k, v, inputs)
+
+class LocalAdapter:
+    """A local kernel on the tokens this program holds."""
+
+    def params(self, config, rngs):
+        return None
+
+    def __call__(self, q, k, v, call, ctx, positions, segment_ids, params):
+        return _one_device(call.name, q, k, v, call, positions, segment_ids)
+
+
+class StrategyAdapter:
+    """A strategy over the sequence axis, or its local kernel alone on one sequence shard."""
+
+    def params(self, config, rngs):
+        return None
+
+    def __call__(self, q, k, v, call, ctx, positions, segment_ids, params):
+        if not _sharded(ctx):
+            return _one_device(call.local, q, k, v, call, positions, segment_ids)
         return attention_in_layout(
-            q, k, v, mesh=ctx.mesh, axis=ctx.sequence_axis, impl=impl,
-            layout=inputs.config.layout, causal=True, window=inputs.window,
-            positions=inputs.positions, segment_ids=inputs.segment_ids,
-            block_q=inputs.config.block_q, block_k=inputs.config.block_k)
-    return adapter
+            q, k, v, mesh=ctx.mesh, axis=ctx.sequence_axis, impl=call.name, local=call.local,
+            layout=call.layout, causal=True, window=call.spec.window, positions=positions,
+            segment_ids=segment_ids, rules=ctx.activation_rules, **call.tiles())
 
 
-def feature_map(name: str, x_BTHD, params: dict):
-    """Applies the named feature map of `lca.kernels` (hedgehog takes its layer's weights)."""
-    if name == "identity":
-        return x_BTHD
-    fn = getattr(feature_maps, name, None)
-    if fn is None:
-        raise ValueError(f"config.model.linear.feature_map {name!r} is not in"
-                         " lca.kernels.feature_maps")
-    if name == "hedgehog":
-        return fn(x_BTHD, params["hedgehog"], params["hedgehog_bias"])
-    return fn(x_BTHD)
+class LinearParams(nnx.Module):
+    """A linear layer's kernel parameters.
+
+    decay_logit [H]: log_decay = -softplus(decay_logit) <= 0 whatever training
+    does; per-head decays start spread over 1 - 2^-5 .. 1 - 2^-9 (as retention
+    does). hedgehog [K, D, F] and hedgehog_bias [K, F]: one feature map per kv
+    head, shared by its group's query heads as K and V are; it starts at the
+    identity map (as its paper does).
+    """
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        lin, h, kh, d = config.linear, config.heads, config.kv_heads, config.head_dim
+        if lin.decay:
+            log_rates = jnp.log1p(-(2.0 ** (-5.0 - 4.0 * jnp.arange(h) / max(h - 1, 1))))
+            logit = jnp.log(jnp.expm1(-log_rates))  # softplus^-1(-log_rates)
+            self.decay_logit = param(rngs, (h,), ("heads",), value=logit)
+        if lin.feature_map == "hedgehog":
+            f = lin.hedgehog_dim or d
+            eye = jnp.broadcast_to(jnp.eye(d, f), (kh, d, f))
+            self.hedgehog = param(rngs, (kh, d, f), ("kv_heads", "head_dim", None), value=eye)
+            self.hedgehog_bias = param(rngs, (kh, f), ("kv_heads", None),
+                                       value=jnp.zeros((kh, f)))
+
+    def log_decay(self):
+        return -jax.nn.softplus(self.decay_logit[...]) if hasattr(self, "decay_logit") else None
+
+    def feature_map(self, name: str, x_BTHD):
+        """The named map of `lca.kernels.feature_maps`; hedgehog with this layer's weights,
+        each kv head's map applied to its group of query heads."""
+        if name == "identity":
+            return x_BTHD
+        fn = getattr(feature_maps, name, None)
+        if fn is None:
+            raise ValueError(f"config.model.linear.feature_map {name!r} is not in"
+                             " lca.kernels.feature_maps")
+        if name != "hedgehog":
+            return fn(x_BTHD)
+        groups = x_BTHD.shape[2] // self.hedgehog.shape[0]
+        w, b = self.hedgehog[...], self.hedgehog_bias[...]
+        return fn(x_BTHD, jnp.repeat(w, groups, axis=0), jnp.repeat(b, groups, axis=0))
 
 
-def _linear(q, k, v, inputs: KernelInputs):
+class LinearAdapter:
     """Causal linear attention: feature map, per-head decay, state passed across shards."""
-    lin, ctx, params = inputs.config.linear, inputs.ctx, inputs.params
-    if inputs.segment_ids is not None:
-        raise ValueError("kernel 'linear' does not take segment ids (packed documents);"
-                         " use a softmax kernel for config.data.task='text'")
-    groups = q.shape[2] // k.shape[2]
-    # The linear kernel takes one K/V head per query head.
-    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    q = feature_map(lin.feature_map, q, params)
-    k = feature_map(lin.feature_map, k, params)
-    options = dict(log_decay=params.get("log_decay"), normalize=lin.normalize,
-                   chunk_size=lin.chunk_size)
-    if ctx is None or ctx.sequence_shards == 1:
-        return linear_attention(q, k, v, **options)
-    return attention_in_layout(
-        q, k, v, mesh=ctx.mesh, axis=ctx.sequence_axis, impl="linear",
-        layout=inputs.config.layout, causal=True, positions=inputs.positions, **options)
+
+    def params(self, config, rngs):
+        return LinearParams(config, rngs)
+
+    def __call__(self, q, k, v, call, ctx, positions, segment_ids, params: LinearParams):
+        if segment_ids is not None:
+            raise ValueError(f"kernel {call.name!r} does not take segment ids (packed"
+                             " documents); use a softmax kernel for config.data.task='text'")
+        lin = call.linear
+        q, k = params.feature_map(lin.feature_map, q), params.feature_map(lin.feature_map, k)
+        options = dict(log_decay=params.log_decay(), normalize=lin.normalize,
+                       chunk_size=lin.chunk_size)
+        if not _sharded(ctx):
+            return linear_attention(q, k, v, **options)
+        return attention_in_layout(
+            q, k, v, mesh=ctx.mesh, axis=ctx.sequence_axis, impl=call.name, layout=call.layout,
+            causal=True, positions=positions, rules=ctx.activation_rules, **options)
 
 
-KERNELS: dict[str, Callable] = {
-    "xla": _local("xla"),
-    "blockwise": _local("blockwise"),
-    "ring": _sequence_parallel("ring"),
-    "allgather": _sequence_parallel("allgather"),
-    "linear": _linear,
-}
-
-# Kernels whose layer owns parameters for them (decay, feature-map weights).
-LINEAR_KERNELS = ("linear",)
+ADAPTERS = {"local": LocalAdapter(), "strategy": StrategyAdapter(), "linear": LinearAdapter()}
 
 
-def register(name: str, adapter: Callable) -> None:
-    """Adds a kernel to the registry; a model config can then name it."""
-    KERNELS[name] = adapter
-
-
-def get(name: str) -> Callable:
-    if name not in KERNELS:
-        raise ValueError(
-            f"unknown attention kernel {name!r} in config.model.attention;"
-            f" known: {sorted(KERNELS)}")
-    return KERNELS[name]
+def adapter(name: str):
+    """The adapter for the registry entry `name`; a ValueError lists the known names."""
+    return ADAPTERS[registry.get(name, where=" in config.model.attention").kind]

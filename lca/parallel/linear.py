@@ -12,15 +12,14 @@ from jax.sharding import PartitionSpec as P
 
 from lca.kernels import linear as linear_lib
 from lca.kernels.linear_parallel import ALGORITHMS, LAYOUTS, linear_attention_shard
-
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+from lca.parallel.sequence import specs
 
 
 def _check(q, k, v, *, mesh, axis, layout, algorithm, log_decay, normalize, chunk_size,
            options):
-    b, t, h, _, _ = linear_lib.check_linear_args(q, k, v, log_decay=log_decay,
-                                                 normalize=normalize, chunk_size=chunk_size)
+    linear_lib.check_linear_args(q, k, v, log_decay=log_decay, normalize=normalize,
+                                 chunk_size=chunk_size)
+    t = q.shape[1]
     if layout == "striped":
         raise ValueError("layout='striped' is not supported by linear attention: a striped"
                          " shard's tokens are not contiguous runs, so no state can be passed"
@@ -40,15 +39,6 @@ def _check(q, k, v, *, mesh, axis, layout, algorithm, log_decay, normalize, chun
     if algorithm == "doubling" and n & (n - 1):
         raise ValueError(f"algorithm='doubling' needs a power-of-two size of axis {axis!r};"
                          f" got {n}. Use 'allgather' or 'ring'.")
-    batch_shards = 1
-    for name in BATCH_AXES:
-        batch_shards *= mesh.shape.get(name, 1)
-    if b % batch_shards:
-        raise ValueError(f"batch {b} must divide by the {batch_shards} shards of mesh axes"
-                         f" {[a for a in BATCH_AXES if a in mesh.axis_names]}")
-    if h % mesh.shape.get(HEAD_AXIS, 1):
-        raise ValueError(f"heads {h} must divide by the {mesh.shape[HEAD_AXIS]} shards of"
-                         f" mesh axis {HEAD_AXIS!r}")
     if options.pop("causal", True) is not True:
         raise ValueError("linear attention is causal only; got causal=False")
     if options:
@@ -58,13 +48,15 @@ def _check(q, k, v, *, mesh, axis, layout, algorithm, log_decay, normalize, chun
 
 def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contiguous",
                                positions=None, algorithm="allgather", log_decay=None,
-                               normalize=False, chunk_size=64, **options):
+                               normalize=False, chunk_size=64, rules=None, **options):
     """Causal linear attention with the sequence split over `axis` of `mesh`.
 
     Args:
-      q, k: [B, T, H, K]; v: [B, T, H, V]; global arrays already in `layout`
-        order (sharded or not). The batch is split over the mesh's `data` and
-        `fsdp` axes and the heads over `tensor`, where the mesh has them.
+      q: [B, T, H, K], k: [B, T, J, K], v: [B, T, J, V], H % J == 0 (grouped
+        query heads, never repeated); global arrays already in `layout` order
+        (sharded or not). Batch and heads are split as the activation rules
+        say (`rules`, default `lca.parallel.sharding.DEFAULT_ACTIVATION_RULES`:
+        batch over data and fsdp, heads over tensor), as for softmax attention.
       mesh, axis: the mesh and the axis that splits the sequence.
       layout: "contiguous" or "zigzag"; "striped" raises a ValueError.
       positions: accepted and unused (callers pass softmax kernels' arguments).
@@ -81,20 +73,19 @@ def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contig
     _check(q, k, v, mesh=mesh, axis=axis, layout=layout, algorithm=algorithm,
            log_decay=log_decay, normalize=normalize, chunk_size=chunk_size,
            options=dict(options))
-    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
-    heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
-    tokens = P(batch, axis, heads, None)
+    q_spec, k_spec, _ = specs(mesh, axis, rules, q.shape, k.shape)
+    out_spec = P(*q_spec[:3], None)
     if log_decay is None:
         decay_spec = None
     elif log_decay.ndim == 1:
-        decay_spec = P(heads)
+        decay_spec = P(q_spec[2])
     else:
-        decay_spec = P(batch, axis, heads)
+        decay_spec = P(*q_spec[:3])
 
     def shard(q, k, v, log_decay):
         return linear_attention_shard(q, k, v, axis_name=axis, algorithm=algorithm,
                                       layout=layout, log_decay=log_decay,
                                       normalize=normalize, chunk_size=chunk_size)
 
-    return jax.shard_map(shard, mesh=mesh, in_specs=(tokens, tokens, tokens, decay_spec),
-                         out_specs=tokens)(q, k, v, log_decay)
+    return jax.shard_map(shard, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, decay_spec),
+                         out_specs=out_spec)(q, k, v, log_decay)

@@ -24,6 +24,11 @@ MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 Rules = tuple  # ((logical, physical | tuple[physical, ...] | None), ...)
 
+# What `lca.sequence_parallel_attention` shards by when given no rules: batch
+# over data and fsdp, the sequence over `sequence`, heads over `tensor`.
+DEFAULT_ACTIVATION_RULES = (("batch", ("data", "fsdp")), ("length", "sequence"),
+                            ("heads", "tensor"), ("kv_heads", "tensor"))
+
 
 def check_rules(name: str, rules: Rules) -> Rules:
     """Validates a rule set and returns it as a tuple of (logical, tuple-of-axes) pairs."""
@@ -84,11 +89,21 @@ class ShardingContext:
         return dict(self.mesh.shape).get(self.sequence_axis, 1)
 
 
+def activation_spec(logical: Sequence[str | None], rules: Rules, mesh: Mesh, shape,
+                    sequence_axis: str | None = None) -> PartitionSpec:
+    """The PartitionSpec of an activation: what `constrain` applies and what a
+    kernel's `shard_map` takes, from the same rules. `sequence_axis` (when
+    given) is the mesh axis `length` maps to, whatever the rules say."""
+    if sequence_axis is not None:
+        rules = tuple((n, p) for n, p in rules if n != "length") + (("length", sequence_axis),)
+    return spec_for(logical, rules, mesh, shape)
+
+
 def constrain(x, logical: Sequence[str | None], ctx: ShardingContext | None):
     """`with_sharding_constraint` by logical names; does nothing without a mesh."""
     if ctx is None or ctx.mesh is None:
         return x
-    spec = spec_for(logical, ctx.activation_rules, ctx.mesh, x.shape)
+    spec = activation_spec(logical, ctx.activation_rules, ctx.mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
 
 

@@ -189,8 +189,8 @@ def load(workdir: str, step: int | None = None, mesh=None):
     mesh: any mesh (its axes among data, fsdp, sequence, tensor); default one
     CPU device. Parameters are placed by the saved config's parameter rules.
     Call the model with `ctx=lca.train.state.context(config, mesh)` to shard
-    activations, or with no ctx on one device (sequence-parallel kernels then
-    run as `blockwise`, which computes the same attention).
+    activations, or with no ctx on one device (a strategy layer then runs its
+    local kernel, `config.model.local`, alone: the same attention).
     """
     mngr = manager(workdir, read_only=True)
     step = _step(mngr, workdir, step)

@@ -11,9 +11,14 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
+import numpy as np
+
 from lca import layouts
-from lca.models import kernels
+from lca.kernels import registry
+from lca.kernels.masks import MaskSpec
 from lca.models.config import FEATURE_MAPS, LinearOptions, ModelConfig
+from lca.parallel.mesh import resolve_sizes
 from lca.parallel.sharding import MESH_AXES, check_rules
 
 TASKS = ("passkey", "recall", "text")
@@ -91,17 +96,8 @@ class Experiment:
                    seed=int(d["seed"]), cpu_devices=int(d["cpu_devices"]))
 
     def mesh_sizes(self, num_devices: int) -> dict:
-        """The mesh with -1 resolved (the error names config.mesh; see `make_mesh`)."""
-        sizes = dict(self.mesh)
-        known = math.prod(s for s in sizes.values() if s != -1)
-        if -1 in sizes.values():
-            sizes = {a: (num_devices // known if s == -1 else s) for a, s in sizes.items()}
-        if math.prod(sizes.values()) != num_devices:
-            raise ValueError(
-                f"config.mesh {dict(self.mesh)} multiplies to {math.prod(sizes.values())}, but"
-                f" there are {num_devices} devices; make the product {num_devices}"
-                " or set one axis to -1")
-        return sizes
+        """The mesh with -1 resolved (`lca.parallel.mesh.resolve_sizes`, naming config.mesh)."""
+        return resolve_sizes(dict(self.mesh), num_devices, "config.mesh")
 
 
 def _plain(x):
@@ -151,7 +147,7 @@ def from_config(config) -> Experiment:
     model = _fields(ModelConfig, c["model"], "model")
     model["linear"] = LinearOptions(**_fields(LinearOptions, model.get("linear", {}),
                                               "model.linear"))
-    attention = model.get("attention", "blockwise")
+    attention = model.get("attention", registry.DEFAULT_LOCAL)
     if isinstance(attention, str):
         attention = [a.strip() for a in attention.split(",") if a.strip()]
     model["attention"] = tuple(attention)
@@ -174,10 +170,6 @@ def from_config(config) -> Experiment:
 def validate(exp: Experiment, num_devices: int | None = None) -> None:
     """Raises a ValueError naming the option; with `num_devices`, checks the mesh too."""
     m, d, t = exp.model, exp.data, exp.train
-    for kernel in m.attention:
-        if kernel not in kernels.KERNELS:
-            raise ValueError(f"config.model.attention names unknown kernel {kernel!r};"
-                             f" known: {sorted(kernels.KERNELS)}")
     if m.layout not in layouts.LAYOUTS:
         raise ValueError(f"config.model.layout {m.layout!r} is unknown; known: {layouts.LAYOUTS}")
     if m.linear.feature_map not in FEATURE_MAPS:
@@ -196,6 +188,7 @@ def validate(exp: Experiment, num_devices: int | None = None) -> None:
     check_rules("config.sharding.params", exp.param_rules)
     check_rules("config.sharding.activations", exp.activation_rules)
     _check_ranges(exp)
+    _check_kernels(exp)
     if num_devices is None:
         return
     sizes = exp.mesh_sizes(num_devices)
@@ -219,12 +212,41 @@ def validate(exp: Experiment, num_devices: int | None = None) -> None:
                              f" the mesh axes it is sharded over ({n} devices)")
 
 
+def _check_kernels(exp: Experiment) -> None:
+    """Every kernel the model names exists in the registry and supports what the model asks:
+    a causal mask, the window, segment ids for packed text, the dtype, grouped-query heads."""
+    m = exp.model
+    for kernel in m.attention:
+        if kernel not in registry.names():
+            raise ValueError(f"config.model.attention names unknown kernel {kernel!r};"
+                             f" known: {registry.names()}")
+    if m.local not in registry.names("local"):
+        raise ValueError(f"config.model.local names unknown local kernel {m.local!r};"
+                         f" known: {registry.names('local')}")
+    kinds = {registry.get(k).kind for k in m.attention}
+    q = jax.ShapeDtypeStruct((1, exp.data.seq_len, m.heads, m.head_dim), np.dtype(m.dtype))
+    k = jax.ShapeDtypeStruct((1, exp.data.seq_len, m.kv_heads, m.head_dim), np.dtype(m.dtype))
+    spec = MaskSpec(True, m.window or None, exp.data.task == "text")
+    checks = [(f"config.model.attention={k!r}", k, None) for k in m.attention
+              if registry.get(k).kind == "local"]
+    if "strategy" in kinds:
+        strategy = next(k for k in m.attention if registry.get(k).kind == "strategy")
+        checks.append((f"config.model.local={m.local!r}", m.local, strategy))
+    for option, name, strategy in checks:
+        try:
+            registry.local_kernel(name, q=q, k=k, spec=spec, strategy=strategy)
+        except ValueError as e:
+            raise ValueError(f"{option}: {e}") from None
+
+
 def _check_ranges(exp: Experiment) -> None:
     """Sizes, counts and optimizer settings in the ranges that make a run meaningful."""
     m, d, t, ev = exp.model, exp.data, exp.train, exp.eval
     at_least = [(f"config.model.{k}", getattr(m, k), 1)
                 for k in ("vocab_size", "embed", "layers", "heads", "kv_heads", "head_dim", "mlp")]
-    at_least += [("config.data.seq_len", d.seq_len, 1),
+    at_least += [("config.model.window", m.window, 0), ("config.model.block_q", m.block_q, 0),
+                 ("config.model.block_k", m.block_k, 0),
+                 ("config.data.seq_len", d.seq_len, 1),
                  ("config.data.vocab_size", d.vocab_size, 1),
                  ("config.train.steps", t.steps, 1), ("config.train.batch_size", t.batch_size, 1),
                  ("config.train.warmup_steps", t.warmup_steps, 0),

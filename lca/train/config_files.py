@@ -27,3 +27,23 @@ def load(spec: str):
     """'configs/passkey.py:smoke' -> the ConfigDict its get_config('smoke') returns."""
     path, _, arg = spec.partition(":")
     return module(path).get_config(arg)
+
+
+def set_kernel(c, variant: str) -> bool:
+    """A variant naming a kernel of `lca.kernels.registry` (`:ring`, `:xla`, ...) sets
+    `c.model.attention` to it; returns whether the variant was one."""
+    from lca.kernels import registry  # JAX only when a config asks
+
+    if variant not in registry.names():
+        return False
+    c.model.attention = variant
+    return True
+
+
+def unknown_variant(config_file: str, variant: str, own: tuple[str, ...]):
+    """The ValueError for a variant a config does not know, listing the ones it does."""
+    from lca.kernels import registry
+
+    known = ", ".join(own + tuple(registry.names()))
+    return ValueError(f"configs/{os.path.basename(config_file)}: unknown variant {variant!r};"
+                      f" known: {known}")
