@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 # The main job: passkey retrieval with ring attention (zigzag layout) on a (data=2,
 # sequence=4) mesh of 8 emulated CPU devices (configs/passkey.py sets them before JAX
-# starts). Benchmarks run on their own: python experiments/bench_attention.py, ...
+# starts). Benchmarks run on their own: python experiments/bench.py [--quick] [--part ...].
 run: $(STAMP)
 	$(PY) experiments/train.py --config configs/passkey.py --workdir out/passkey
 

@@ -1,18 +1,22 @@
-"""The benchmark suite: every kernel and layout, forward and forward+backward, peers side by side.
+"""The benchmarks: every kernel, layout and mesh side by side, the ring's balance, training.
 
-    python experiments/bench.py [--quick] [--parts single,mesh,linear] [--out out/bench]
-                                [--repeats N] [--figures]
+    python experiments/bench.py [--quick] [--part single,mesh,linear,balance,train]
+                                [--out out/bench] [--repeats N] [--figures] [--tables]
 
-Parts and columns: see `lca/bench/suite.py`. Prints one row per point
-(median and min-max spread, ratio to the part's baseline, fraction of the
-matmul peak measured in the run, compiled temporary memory, max relative
-error against the float64 reference), then the key figures; writes
-bench_suite.csv and bench_<part>.png to --out. Run it twice into the same
---out and the second run checks FLOPs and memory are identical and says which
-medians fall outside the first run's spread. --figures writes into
-docs/figures, also runs every other figure producer
-(`lca.bench.figures.PRODUCERS`), then rewrites every result table in
-README.md and docs/ from the data (`lca.bench.tables`); `experiments/figures.py`
+Parts: `single`, `mesh`, `linear` (the suite, `lca/bench/suite.py`), `balance`
+(the ring's critical path per layout, `lca/bench/balance.py`), `train`
+(training tokens per second and the longest context that fits,
+`lca/bench/train.py`); default all. One-device points run in this process,
+which has one device; mesh points in a subprocess with --devices emulated
+devices (`lca/bench/figures.py`). Prints one row per point (median and
+min-max spread, ratio to the part's baseline, fraction of the matmul peak
+measured in the run, compiled memory, max relative error against the float64
+reference), then the key figures; writes bench_suite.csv, bench_balance.csv,
+bench_train.csv and bench_<part>.png to --out. A rerun into the same --out
+checks FLOPs and memory are identical and says which medians left the
+previous run's spread. --figures writes into docs/figures, runs the figure
+producers (cost model, layout diagram), then rewrites every result table in
+README.md and docs/ from the data (`tools/tables.py`); `experiments/figures.py`
 is the same. --tables only rewrites the tables.
 """
 
@@ -23,17 +27,18 @@ import time
 
 import jax
 
-PARTS = ("single", "mesh", "linear")
+PARTS = ("single", "mesh", "linear", "balance", "train")
 
 
 def main(argv=None, figures=False):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small grid: minutes on a laptop")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma list of " + str(PARTS))
+    parser.add_argument("--part", "--parts", dest="parts", default=",".join(PARTS),
+                        help="comma list of " + str(PARTS))
     parser.add_argument("--out", default=None, help="default out/bench (docs/figures with"
                         " --figures)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per point")
-    parser.add_argument("--devices", type=int, default=8, help="emulated CPU devices")
+    parser.add_argument("--devices", type=int, default=8, help="emulated CPU devices of the mesh")
     parser.add_argument("--figures", action="store_true", default=figures,
                         help="write into docs/figures, run every figure producer, then rewrite"
                         " the README's and docs/' tables from the data")
@@ -41,10 +46,11 @@ def main(argv=None, figures=False):
                         help="only rewrite the README's and docs/' tables from docs/figures")
     args = parser.parse_args(argv)
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.devices)
+    jax.config.update("jax_num_cpu_devices", 1)  # mesh points run in their own process
     from lca.bench import figures as figures_lib  # noqa: PLC0415 -- after the device count
-    from lca.bench import suite, tables  # noqa: PLC0415
+    from lca.bench import suite  # noqa: PLC0415
 
+    tables = figures_lib.load_module("tools/tables.py")
     if args.tables:
         print("\n".join(tables.update_docs(tables.FIGURES_DIR)))
         return
@@ -58,8 +64,8 @@ def main(argv=None, figures=False):
                                mesh_sizes=tuple(m for m in grid.mesh_sizes if m <= args.devices))
     out = args.out or ("docs/figures" if args.figures else "out/bench")
     start = time.time()
-    figures_lib.run_suite(out, grid, parts,
-                          grid_name="quick" if args.quick else "default")
+    figures_lib.run(out, grid, parts, quick=args.quick,
+                    grid_name="quick" if args.quick else "default")
     if args.figures:
         figures_lib.run_producers(out, quick=args.quick)
         if os.path.abspath(out) == os.path.abspath(tables.FIGURES_DIR):

@@ -3,12 +3,11 @@
     python experiments/figures.py [--quick] [--parts ...] [--repeats N]
     python experiments/figures.py --tables     # only rewrite the tables from docs/figures
 
-The benchmark suite (experiments/bench.py --figures: bench_suite.csv,
-bench_<part>.png), then every producer in `lca.bench.figures.PRODUCERS`
-(cost model, layout diagram, cost-model validation, training benchmark),
-all into docs/figures; then every table between `<!-- table:NAME -->`
-markers in README.md and docs/*.md is rewritten from those files
-(`lca.bench.tables`).
+Every benchmark part (experiments/bench.py --figures: the suite, the ring's
+balance, training; bench_*.csv and bench_<part>.png), then every producer in
+`lca.bench.figures.PRODUCERS` (cost model figures, layout diagram), all into
+docs/figures; then every table between `<!-- table:NAME -->` markers in
+README.md and docs/*.md is rewritten from those files (`tools/tables.py`).
 """
 
 import os

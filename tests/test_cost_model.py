@@ -26,15 +26,20 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ring_cases import sub_mesh
 
+import dataclasses
+
 import lca
 from lca import layouts
-from lca.bench import validation
-from lca.kernels import blockwise, ring
+from lca.bench.figures import load_module
+from lca.kernels import blockwise, registry, ring
+from lca.kernels import local as local_lib
 from lca.kernels import masks as masks_lib
 from lca.parallel import attention_in_layout
 from lca.parallel.linear import attention_in_layout_linear
 
-cm = validation.load_cost_model()
+cm = load_module("tools/cost_model.py")
+report = load_module("tools/cost_report.py")
+STRATEGIES = [n for n in registry.names("strategy") if n in cm.KERNELS]
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 1, 4, 2, 8
 SEQ_LEN, BLOCK = 256, 16  # zigzag chunks of 16 at n = 8: several tiles per shard everywhere
@@ -47,8 +52,8 @@ def kernel_kinds(q_pos, kv_pos, block_q, block_k, window=None):
     """int [nq, nk] tile kinds from blockwise._Tiles (the kernel's code, zero-size heads)."""
     q = jnp.zeros((1, len(q_pos), 1, 1), jnp.float32)
     k = jnp.zeros((1, len(kv_pos), 1, 1), jnp.float32)
-    cfg = blockwise.make_config(q, k, causal=True, window=window, segments=False, scale=None,
-                                block_q=block_q, block_k=block_k)
+    cfg = local_lib.config(blockwise.KERNEL, q, k, causal=True, window=window, segments=False,
+                           scale=None, block_q=block_q, block_k=block_k)
     arrays = masks_lib.make_mask_arrays(1, len(q_pos), len(kv_pos), positions=q_pos,
                                         kv_positions=kv_pos)
     return np.asarray(blockwise._Tiles(cfg, q, k, k, arrays).kinds)
@@ -79,8 +84,7 @@ def counts(schedule, steps, n, kind):
     return got
 
 
-CASES = [(kernel, layout, n) for kernel in ("ring", "allgather") for layout in cm.LAYOUTS
-         for n in (2, 4, 8)]
+CASES = [(kernel, layout, n) for kernel in STRATEGIES for layout in cm.LAYOUTS for n in (2, 4, 8)]
 
 
 @pytest.mark.parametrize("layout,window,block", [
@@ -100,15 +104,31 @@ def test_tile_counts_with_padding_windows_and_default_tiles(layout, window, bloc
     assert (full == counts(schedule, *full.shape, masks_lib.FULL)).all()
 
 
+def _tiles_the_kernel_runs(strategy, layout, seq_len, heads, kv_heads, n):
+    """(block_q, block_k) the strategy's local kernel is called with, recorded while tracing."""
+    seen = []
+
+    def forward(cfg, *args):
+        seen.append((cfg.block_q, cfg.block_k))
+        return blockwise.forward(cfg, *args)
+
+    recorder = dataclasses.replace(blockwise.KERNEL, name="recorder", forward=forward)
+    q = jax.ShapeDtypeStruct((1, seq_len, heads, HEAD_DIM), jnp.float32)
+    k = jax.ShapeDtypeStruct((1, seq_len, kv_heads, HEAD_DIM), jnp.float32)
+    jax.eval_shape(lambda q, k: attention_in_layout(q, k, k, mesh=sub_mesh(n), impl=strategy,
+                                                    local=recorder, layout=layout, causal=True),
+                   q, k)
+    assert len(set(seen)) == 1
+    return seen[0]
+
+
 @pytest.mark.parametrize("layout", cm.LAYOUTS)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
-@pytest.mark.parametrize("seq_len,n", [(1 << 15, 8), (256, 8), (1 << 22, 256)])
-def test_default_tiles_are_the_kernels_defaults(layout, heads, kv_heads, seq_len, n):
-    from lca.parallel.sequence import default_block
-
-    p = cm.Problem("ring", layout, seq_len, heads, kv_heads, HEAD_DIM, n)
-    block = min(default_block(layout, seq_len, n, heads // kv_heads), seq_len // n)
-    assert p.blocks() == (block, block)
+@pytest.mark.parametrize("seq_len", [1 << 15, 256])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_default_tiles_are_the_ones_the_kernels_run(strategy, layout, heads, kv_heads, seq_len):
+    p = cm.Problem(strategy, layout, seq_len, heads, kv_heads, HEAD_DIM, 8)
+    assert p.blocks() == _tiles_the_kernel_runs(strategy, layout, seq_len, heads, kv_heads, 8)
 
 
 # ----------------------------------------------------------------------------- compiled HLO
@@ -358,7 +378,7 @@ def test_balance_of_the_benchmarked_case():
 
 
 def test_cli_prints_a_breakdown(capsys):
-    cm.main(["--kernel", "ring", "--layout", "zigzag", "--seq_len", "65536", "--devices", "16",
-             "--hardware", "tpu_v5e"])
+    report.main(["--kernel", "ring", "--layout", "zigzag", "--seq_len", "65536", "--devices",
+                 "16", "--hardware", "tpu_v5e"])
     out = capsys.readouterr().out
     assert "forward" in out and "backward" in out and "load balance" in out

@@ -89,7 +89,9 @@ def test_bad_names_and_options():
 
 @pytest.mark.parametrize("layout", layouts.LAYOUTS)
 def test_diagram_work_covers_every_causal_pair_once(layout):
-    from lca.bench import diagrams
+    from lca.bench.figures import load_module
+
+    diagrams = load_module("tools/layout_diagram.py")
 
     t, n = 32, 4
     steps = diagrams.step_of_pairs(t, layout, n)

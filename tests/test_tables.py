@@ -1,20 +1,22 @@
 """The README's and docs/' result tables: written from the data files, never by hand."""
 
-import json
 import os
 
 import pytest
 
-from lca.bench import figures, records, tables, validation
+from lca.bench import figures, records
 from lca.bench.records import Point
+
+tables = figures.load_module("tools/tables.py")
+results = figures.load_module("tools/results.py")
 
 
 def _point(impl, t, seconds, temp, *, part="single", n=1, layout="-", heads=4, kv_heads=4,
-           mode="fwd+bwd", fits=True):
+           mode="fwd+bwd", fits=True, **extra):
     return Point(part, impl, layout, n, heads, kv_heads, t, mode, flops=10**9, temp_bytes=temp,
                  fits=fits, seconds=seconds if fits else None,
                  seconds_min=seconds if fits else None, seconds_max=seconds if fits else None,
-                 max_rel_error=3e-7, check_len=256)
+                 max_rel_error=3e-7, check_len=256, **extra)
 
 
 @pytest.fixture
@@ -29,20 +31,23 @@ def figures_dir(tmp_path):
         _point("linear", 65536, 4.0, 2**20, part="linear", mode="fwd"),
         _point("linear", 65536, 13.1072, 2**20, part="linear"),
     ]
-    for impl, layout, s in (("ring", "zigzag", 6.0), ("ringattention", "contiguous", 10.0)):
-        points.append(_point(impl, 16384, s, 2**25, part="mesh", n=8, layout=layout))
-    records.write_csv(tmp_path / tables.SUITE_CSV, points,
-                      {"matmul_peak_gflops": 120.0, "grid": "default", "finished": "2026-11-21"})
-    records.write_csv(tmp_path / validation.BALANCE_CSV, [
-        validation.BalanceCheck("contiguous", 32768, 8, 512, 2.0, 1.0, 484, 1.0),
-        validation.BalanceCheck("striped", 32768, 8, 512, 1.2, 0.6, 288, 0.595),
-        validation.BalanceCheck("zigzag", 32768, 8, 512, 1.1, 0.55, 260, 0.537)])
-    (tmp_path / tables.TRAIN_JSON).write_text(json.dumps({
-        "config": "configs/passkey.py", "seq_len": 16384, "speed_mesh": {"sequence": 8},
-        "budget_gib": 20.0,
-        "speed": {"ring": {"tokens_per_s": 6000.0}, "xla": {"tokens_per_s": 500.0}},
-        "memory": {"xla": {"longest": 46080, "bytes": 19 * 2**30},
-                   "ring": {"longest": 4608000, "bytes": 20 * 2**30}}}))
+    for impl, local, layout, s in (("ring", "blockwise", "zigzag", 6.0),
+                                   ("ringattention", "", "contiguous", 10.0)):
+        points.append(_point(impl, 16384, s, 2**25, part="mesh", n=8, layout=layout,
+                             local=local))
+    meta = {"matmul_peak_gflops": 120.0, "grid": "default", "finished": "2026-11-21"}
+    records.write_csv(tmp_path / results.DATA["points"], points, meta)
+    records.write_csv(tmp_path / results.DATA["balance"], [
+        _point("ring", 32768, s, 0, part="balance", n=8, layout=layout, heads=2, kv_heads=2,
+               local="blockwise", block=512)
+        for layout, s in (("contiguous", 2.0), ("striped", 1.2), ("zigzag", 1.1))], meta)
+    records.write_csv(tmp_path / results.DATA["train"], [
+        _point("ring", 16384, 16384 / 6000, 0, part="train", n=8, layout="zigzag", mode="train"),
+        _point("xla", 16384, 16384 / 500, 0, part="train", n=8, mode="train"),
+        _point("xla", 46080, None, 0, part="context", n=4, mode="train",
+               total_bytes=19 * 2**30),
+        _point("ring", 4608000, None, 0, part="context", n=4, mode="train",
+               total_bytes=20 * 2**30)], meta)
     return tmp_path
 
 
@@ -56,6 +61,7 @@ def test_tables_are_computed_from_the_data(figures_dir):
     assert "| 65,536 | 61.04 | 200.00 | 1.00 |" in rendered["linear"]
     assert "| striped | 512 | 1.20 | 0.600 | 0.595 (288) | -0.8% |" in rendered["balance"]
     assert "| ring | 6,000 | 4,608,000 | 20.00 | 100x |" in rendered["train"]
+    assert "| 4/4 | 16,384 | 32.0 |" in rendered["memory-check"]
     questions = rendered["questions"]
     assert "4.0x at 2k" in questions
     assert "at 4k dense needs 30.0 GiB and is not run" in questions

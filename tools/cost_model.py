@@ -1,15 +1,16 @@
-"""Communication cost model of lca's sequence-parallel attention kernels (pure Python + NumPy).
+"""Communication cost model of lca's sequence-parallel attention kernels (NumPy arithmetic).
 
   python tools/cost_model.py --kernel ring --layout zigzag --seq_len 1048576 --heads 32 \
-      --kv_heads 8 --head_dim 128 --devices 256 --hardware tpu_v5p
-  python tools/cost_model.py --plots docs/figures      # the two figures and their CSVs
+      --kv_heads 8 --head_dim 128 --devices 256 --hardware tpu_v5p   # see tools/cost_report.py
 
 Dimension legend: B batch per device, T sequence length, n devices on the
 sequence axis, L = T / n shard length, H query heads, K kv heads, D head_dim,
 bq / bk tile lengths, nq / nk tiles per shard.
 
 What it counts, mirroring the kernels (`lca/kernels/{blockwise,ring,allgather,
-linear_parallel}.py`), not importing them (no JAX here):
+linear_parallel}.py`) in NumPy; from lca only the registry's names, default
+tiles, layouts and the ring's window rule. A kernel is a modelled strategy,
+a tiled local kernel (one device) or `linear`:
 
   tiles   For ring step s, rank r holds the K/V shard of rank (r - s) mod n.
           The (query shard, key shard) pair is classified from its position
@@ -39,79 +40,37 @@ Not counted: softmax exponentials and other elementwise work, HBM traffic,
 per-tile launch overheads, link contention, and the torus mapping of a ring.
 """
 
-import argparse
 import dataclasses
 import functools
 import math
-import os
 
 import numpy as np
 
-# ----------------------------------------------------------------------------- hardware
+from hardware import HARDWARE
 
-GB = 1e9
-
-
-@dataclasses.dataclass(frozen=True)
-class Hardware:
-    """One chip and the links a 1-D ring of chips uses (bytes/s per direction)."""
-
-    name: str
-    peak_flops: float      # dense bf16 FLOP/s
-    hbm_bytes: float
-    hbm_bw: float          # bytes/s (reported, not used by the step model)
-    link_bw: float         # one link, one direction, as a ring neighbour uses it
-    link_latency: float    # seconds per hop (an assumption everywhere: see each profile)
-    node_size: int = 0     # GPUs: devices on the fast link; rings larger than this
-    network_bw: float = 0.0       # cross nodes at network_bw / network_latency
-    network_latency: float = 0.0
-
-    def ring_link(self, devices):
-        """(bandwidth, latency) of the slowest hop of a ring over `devices` chips."""
-        if self.node_size and devices > self.node_size:
-            return self.network_bw, self.network_latency
-        return self.link_bw, self.link_latency
-
-
-HARDWARE = {
-    # https://cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s.
-    # ICI: 6 links per chip, 400 Gb/s = 50 GB/s each way per link (Jouppi et al., "TPU v4",
-    # ISCA 2023, arXiv:2304.01433). Latency 2 us per hop: an assumption, not a published figure.
-    "tpu_v4": Hardware("TPU v4", 275e12, 32 * 2**30, 1200 * GB, 50 * GB, 2e-6),
-    # https://cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s,
-    # ICI 400 GB/s bidirectional per chip over 4 ports -> 50 GB/s each way per link.
-    # Latency: assumed, as for v4.
-    "tpu_v5e": Hardware("TPU v5e", 197e12, 16 * GB, 819 * GB, 50 * GB, 2e-6),
-    # https://cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GB HBM2e at 2765 GB/s,
-    # ICI 1200 GB/s bidirectional per chip over 6 ports (3D torus) -> 100 GB/s each way
-    # per link. Latency: assumed, as for v4.
-    "tpu_v5p": Hardware("TPU v5p", 459e12, 95 * GB, 2765 * GB, 100 * GB, 2e-6),
-    # NVIDIA A100 80GB SXM datasheet: 312 TFLOP/s dense bf16, 80 GB HBM2e at 2039 GB/s,
-    # NVLink 600 GB/s (300 GB/s each way) within an 8-GPU HGX node. Across nodes one
-    # 200 Gb/s HDR InfiniBand NIC per GPU (DGX A100) = 25 GB/s each way. Latencies (5 us
-    # NVLink, 10 us InfiniBand per ppermute) are assumptions of NCCL-like small-message costs.
-    "a100": Hardware("A100 80GB SXM", 312e12, 80 * GB, 2039 * GB, 300 * GB, 5e-6,
-                     node_size=8, network_bw=25 * GB, network_latency=10e-6),
-    # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16, 80 GB HBM3 at 3.35 TB/s,
-    # NVLink 900 GB/s (450 GB/s each way) within a node; across nodes one 400 Gb/s NDR
-    # NIC per GPU (DGX H100, ConnectX-7) = 50 GB/s each way. Latencies assumed as for A100.
-    "h100": Hardware("H100 SXM", 989e12, 80 * GB, 3350 * GB, 450 * GB, 5e-6,
-                     node_size=8, network_bw=50 * GB, network_latency=10e-6),
-}
+from lca import layouts
+from lca.kernels import local as local_lib
+from lca.kernels import registry, ring
 
 # ----------------------------------------------------------------------------- problem
 
-KERNELS = ("ring", "allgather", "blockwise", "linear")
-LAYOUTS = ("contiguous", "striped", "zigzag")
-LINEAR_ALGORITHMS = ("ring", "allgather", "doubling")
-DEFAULT_BLOCK = 512  # lca.parallel.sequence._DEFAULT_BLOCK (halved with grouped-query heads)
+def communication(name):
+    """How a registry entry communicates: "local", "linear", or its strategy's pattern."""
+    return getattr(registry.get(name), "communication", registry.get(name).kind)
+
+
+MODELLED = ("local", "linear", "ring", "allgather")  # the patterns modelled here
+KERNELS = tuple(n for n in registry.names() if communication(n) in MODELLED
+                and getattr(registry.get(n), "tiles", True))  # tiled local kernels
+LAYOUTS = layouts.LAYOUTS
+LINEAR_ALGORITHMS = registry.entries("linear")[0].algorithms
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """One attention call: `seq_len` tokens over `devices` chips (global batch split out)."""
 
-    kernel: str = "ring"
+    kernel: str = registry.DEFAULT_STRATEGY
     layout: str = "zigzag"
     seq_len: int = 1 << 20
     heads: int = 32
@@ -124,47 +83,52 @@ class Problem:
     window: int | None = None
     segments: bool = False    # segment ids travel with K/V
     stripe: int = 1
-    block_q: int | None = None  # None: lca.parallel.sequence.default_block
+    block_q: int | None = None  # None: the local kernel's default (local.default_tiles)
     block_k: int | None = None
     linear_algorithm: str = "ring"
     value_dim: int | None = None  # linear: V (default head_dim)
     normalize: bool = False       # linear: one extra value column
 
     @property
+    def comm(self):
+        return communication(self.kernel)
+
+    @property
+    def one_device(self):
+        """A local kernel: the whole sequence on one device."""
+        return self.comm == "local"
+
+    @property
     def shard_len(self):
-        return self.seq_len if self.kernel == "blockwise" else self.seq_len // self.devices
+        return self.seq_len if self.one_device else self.seq_len // self.devices
 
     def blocks(self):
-        """(bq, bk) as the kernels resolve them: default per layout, at most the lengths."""
-        n, t = self.devices, self.seq_len
-        zigzag = self.layout == "zigzag" and self.kernel != "blockwise"
-        grouped = self.heads != self.kv_heads and self.kernel != "blockwise"
-        default = DEFAULT_BLOCK // 2 if grouped else DEFAULT_BLOCK
-        default = min(default, t // (2 * n)) if zigzag else default
+        """(bq, bk) as the kernels resolve them (`local.default_tiles` of the default local
+        kernel, or the local kernel itself), at most the lengths."""
+        local = registry.local_kernel(self.kernel if self.one_device else None)
+        groups = self.heads // self.kv_heads
+        default = (local_lib.default_tiles(local, groups) if self.one_device else
+                   local_lib.default_tiles(local, groups, self.layout, self.shard_len))
         bq, bk = self.block_q or default, self.block_k or default
-        kv_len = t if self.kernel == "allgather" else self.shard_len
+        kv_len = self.seq_len if self.comm == "allgather" else self.shard_len
         return min(bq, self.shard_len), min(bk, kv_len)
 
     def ring_steps(self):
         """Ring steps taken: n, or fewer for a causal window on the contiguous layout."""
-        n = self.devices
-        if self.kernel == "ring" and self.causal and self.window and self.layout == "contiguous":
-            return min(n, 1 + -(-(self.window - 1) // self.shard_len))  # sequence.window_steps
-        return n
+        if self.comm != "ring":
+            return self.devices
+        options = ring.layout_options(self.layout, self.causal, self.window or None,
+                                      self.shard_len, self.devices)
+        return options.get("max_steps", self.devices)
 
     def check(self):
         if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {list(KERNELS)}; got {self.kernel!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {list(LAYOUTS)}; got {self.layout!r}")
-        m = {"zigzag": 2 * self.devices, "striped": self.devices * self.stripe}.get(
-            self.layout, self.devices)
-        if self.seq_len % m:
-            raise ValueError(f"seq_len {self.seq_len} must be a multiple of {m} for"
-                             f" layout={self.layout!r} on {self.devices} devices")
+            raise ValueError(f"kernel must be one of {list(KERNELS)} (no cost model yet for"
+                             " other communication patterns); got {self.kernel!r}")
+        layouts.check_layout(self.seq_len, self.layout, self.devices, self.stripe)
         if self.heads % self.kv_heads:
             raise ValueError(f"heads {self.heads} must be a multiple of kv_heads {self.kv_heads}")
-        if self.kernel == "linear" and self.linear_algorithm == "doubling" and \
+        if self.comm == "linear" and self.linear_algorithm == "doubling" and \
                 self.devices & (self.devices - 1):
             raise ValueError("linear_algorithm='doubling' needs a power-of-two device count")
         return self
@@ -174,14 +138,8 @@ class Problem:
 
 
 def shard_positions(seq_len, layout, n, stripe=1):
-    """int64 [n, L]: global positions each shard holds (as lca.layouts.shard_positions)."""
-    t = np.arange(seq_len)
-    if layout == "striped":
-        t = t.reshape(seq_len // (n * stripe), n, stripe).transpose(1, 0, 2)
-    elif layout == "zigzag":
-        halves = t.reshape(2, n, seq_len // (2 * n))
-        t = np.stack([halves[0], halves[1][::-1]], axis=1)
-    return t.reshape(n, -1)
+    """int64 [n, L]: global positions each shard holds (`lca.layouts.shard_positions`)."""
+    return layouts.shard_positions(seq_len, layout, n, stripe).astype(np.int64)
 
 
 def block_extremes(pos, block):
@@ -222,17 +180,17 @@ def tile_counts(p: Problem):
     fully masked shard pair computes nothing. All-gather: one step against all
     keys in layout order. Blockwise: one device, one step.
     """
-    n = 1 if p.kernel == "blockwise" else p.devices
+    n = 1 if p.one_device else p.devices
     pos = shard_positions(p.seq_len, p.layout, n, p.stripe)
     bq, bk = p.blocks()
     qx = block_extremes(pos, bq)
-    if p.kernel == "allgather":
+    if p.comm == "allgather":
         kx = block_extremes(pos.reshape(1, -1), bk)
         masked, full = classify(qx, kx, p.causal, p.window)
         return masked.sum((-1, -2))[None], full.sum((-1, -2))[None]
     kx = block_extremes(pos, bk)
     sx = block_extremes(pos, pos.shape[1])  # one block per shard
-    steps = p.ring_steps() if p.kernel == "ring" else 1
+    steps = p.ring_steps() if p.comm == "ring" else 1
     masked, full = np.zeros((steps, n), np.int64), np.zeros((steps, n), np.int64)
     for s in range(steps):
         roll = lambda x: np.roll(x, s, axis=0)  # roll(x)[r] = x[(r - s) mod n]
@@ -255,7 +213,7 @@ def tile_flops(p: Problem):
 
 def step_flops(p: Problem):
     """(forward, backward) FLOPs [steps, n] of every (ring step, rank); zeros for linear."""
-    if p.kernel == "linear":
+    if p.comm == "linear":
         return np.zeros((1, p.devices)), np.zeros((1, p.devices))
     masked, full = tile_counts(p)
     fwd, bwd = tile_flops(p)
@@ -272,9 +230,9 @@ def wire_bytes(p: Problem):
     kv = 2 * b * length * p.kv_heads * p.head_dim * p.itemsize
     ids = b * length * 4 * (2 if p.segments else 1)  # int32 positions (+ segment ids)
     dkv = 2 * b * length * p.kv_heads * p.head_dim * 4
-    if p.kernel == "blockwise" or n == 1:
+    if p.one_device or n == 1:
         return {}, {}
-    if p.kernel == "ring":
+    if p.comm == "ring":
         hops = p.ring_steps() - 1
         # With one hop (n = 2) there is no loop around it, and under one jit XLA
         # reuses the forward's arrived K/V in the backward (CSE) instead of resending.
@@ -283,7 +241,7 @@ def wire_bytes(p: Problem):
         bwd = {"K/V": (kv, again), "ids": (ids, again), "dK/dV": (dkv, hops),
                "dK/dV home": (dkv, 1 if hops else 0)}
         return fwd, bwd
-    if p.kernel == "allgather":
+    if p.comm == "allgather":
         return {"K/V": (kv, n - 1), "ids": (ids, n - 1)}, {"dK/dV": (dkv, n - 1)}
     m = 2 if p.layout == "zigzag" else 1
     value = (p.value_dim or p.head_dim) + (1 if p.normalize else 0)
@@ -332,7 +290,7 @@ def predict(p: Problem, hardware="tpu_v5p", efficiency=0.5, backward=True):
     wf, wb = wire_bytes(p)
     slowest_f, slowest_b = ff.max(1) / rate, fb.max(1) / rate
     steps = len(slowest_f)
-    if p.kernel == "ring":
+    if p.comm == "ring":
         hop = lambda parts: _message_seconds(
             sum(parts[x][0] for x in ("K/V", "ids") if parts[x][1]), 1, bw, lat)
         comm = lambda t: np.array([t] * (steps - 1) + [0.0]) if steps > 1 else np.zeros(1)
@@ -348,7 +306,7 @@ def predict(p: Problem, hardware="tpu_v5p", efficiency=0.5, backward=True):
         comm_b = sum(_message_seconds(s, c, bw, lat) for s, c in wb.values())
         t_fwd, t_bwd = slowest_f + comm_f, slowest_b + comm_b
         hidden = (comm_f == 0, comm_b == 0)
-    if p.kernel == "linear":  # only the state exchange is modelled, not the local compute
+    if p.comm == "linear":  # only the state exchange is modelled, not the local compute
         t_fwd, t_bwd = np.array([comm_f]), np.array([comm_b])
         hidden = (None, None)
     total = ff + fb
@@ -374,13 +332,13 @@ def memory_bytes(p: Problem, backward=True):
     q_bytes, kv_one = b * length * h * d, b * length * k * d  # elements
     rows = b * length * h  # per-row statistics
     ids = b * length * 4 * (2 if p.segments else 1)
-    gather = p.devices if p.kernel == "allgather" else 1
+    gather = p.devices if p.comm == "allgather" else 1
     kv_buf = 2 * kv_one * gather  # K and V stacked (gathered: n shards)
     tile = b * h * bq * bk * 4
     arguments = (2 * q_bytes + 2 * kv_one) * item if backward else (q_bytes + 2 * kv_one) * item
     outputs = (2 * q_bytes + 2 * kv_one) * item if backward else q_bytes * item
     saved = rows * 4  # log-sum-exp (the output itself is an output)
-    in_flight = 2 if p.kernel == "ring" else 1
+    in_flight = 2 if p.comm == "ring" else 1
     forward = (in_flight * (kv_buf * item + ids * gather) + 2 * (q_bytes * 4 + rows * 4)
                + 2 * tile)
     temps = forward
@@ -390,199 +348,12 @@ def memory_bytes(p: Problem, backward=True):
                     + 2 * q_bytes * 4 + 2 * rows * 4  # dq, one step's dq, delta, lse rows
                     + kv_buf * 4                  # one step's dK/dV
                     + 4 * tile)
-    if p.kernel == "linear":
+    if p.comm == "linear":
         temps = 0
     return {"arguments": arguments, "outputs": outputs, "saved": saved, "temporaries": temps}
 
 
-# ----------------------------------------------------------------------------- report
+if __name__ == "__main__":  # the command line prints a breakdown (tools/cost_report.py)
+    import cost_report
 
-
-def _si(x, unit):
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {prefix}{unit}"
-    return f"{x:.3g} {unit}"
-
-
-def _seconds(x):
-    for scale, unit in ((1, "s"), (1e-3, "ms"), (1e-6, "us")):
-        if x >= scale:
-            return f"{x / scale:.3g} {unit}"
-    return f"{x * 1e9:.3g} ns"
-
-
-_HIDDEN = {True: "hidden under compute", False: "NOT fully hidden",
-           None: "(local compute not modelled for linear attention)"}
-
-
-def format_prediction(r: Prediction) -> str:
-    p, hw = r.problem, HARDWARE[r.hardware]
-    bw, lat = hw.ring_link(p.devices)
-    bq, bk = p.blocks()
-    lines = [f"{p.kernel} / {p.layout}: T={p.seq_len} on {p.devices} x {hw.name}"
-             f" (L={p.shard_len}, heads {p.heads}/{p.kv_heads}, head_dim {p.head_dim},"
-             f" {8 * p.itemsize}-bit inputs, tiles {bq}x{bk}, causal={p.causal})",
-             f"  peak {_si(hw.peak_flops, 'FLOP/s')} x efficiency {r.efficiency};"
-             f" ring link {_si(bw, 'B/s')} each way, {_seconds(lat)} per hop"]
-    for i, name in enumerate(("forward", "backward")):
-        flops = r.flops[i]
-        if not flops.any() and not r.bytes_sent[i]:
-            continue
-        lines.append(f"  {name}: {_si(flops.sum() / flops.shape[1], 'FLOP')} per device on"
-                     f" average, slowest rank per step {_si(flops.max(1).max(), 'FLOP')};"
-                     f" sends {_si(r.bytes_sent[i], 'B')} per device")
-        lines.append(f"    compute {_seconds(r.compute_seconds[i])}, communication"
-                     f" {_seconds(r.comm_seconds[i])},"
-                     f" step total {_seconds(r.step_seconds[i].sum())};"
-                     f" communication {_HIDDEN[r.hidden[i]]}")
-    lines.append(f"  critical path / ideal (load balance): {r.balance:.3f}")
-    lines.append(f"  predicted time: {_seconds(r.seconds)}")
-    mem = r.memory
-    lines.append("  memory per device: " + ", ".join(f"{k} {_si(v, 'B')}" for k, v in mem.items())
-                 + f"; HBM {_si(hw.hbm_bytes, 'B')}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- plots
-
-PLOT_HEADS = dict(heads=32, kv_heads=8, head_dim=128, itemsize=2)
-PLOT_LENGTHS = [1 << k for k in range(15, 23)]  # 32k .. 4M tokens
-
-
-def overlap_threshold(hardware, efficiency=0.5, devices=256, layout="zigzag", pass_="forward",
-                      grid=256, limit=1 << 17):
-    """Smallest shard length (a multiple of `grid`) from which every ring hop hides.
-
-    Bisection over multiples of `grid`, assuming overlap is monotone in the
-    shard length (compute grows as L^2, a hop as L).
-    """
-    def hidden(length):
-        p = Problem("ring", layout, length * devices, devices=devices, **PLOT_HEADS)
-        r = predict(p, hardware, efficiency)
-        f, b = r.flops
-        rate = HARDWARE[hardware].peak_flops * efficiency
-        bw, lat = HARDWARE[hardware].ring_link(devices)
-        size = wire_bytes(p)[0]["K/V"][0] + wire_bytes(p)[0]["ids"][0]
-        comm = lat + size / bw
-        work = (f if pass_ == "forward" else b).max(1)[:-1] / rate
-        return bool((work >= comm).all())
-
-    lo, hi = 1, limit // grid
-    if not hidden(hi * grid):
-        return None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if hidden(mid * grid) else (mid + 1, hi)
-    return lo * grid
-
-
-def _write_csv(path, header, rows):
-    with open(path, "w") as f:
-        f.write(",".join(header) + "\n")
-        for row in rows:
-            f.write(",".join(str(x) for x in row) + "\n")
-
-
-def write_plots(out_dir, efficiency=0.5, devices=256, lengths=PLOT_LENGTHS):
-    """Writes cost_step_time.{png,csv} and cost_overlap.{png,csv} into `out_dir`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(out_dir, exist_ok=True)
-    rows = []
-    series = [("ring", x) for x in LAYOUTS] + [("allgather", "zigzag")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, hw in zip(axes, ("tpu_v5p", "h100")):
-        for kernel, layout in series:
-            times, too_big = [], []
-            for t in lengths:
-                r = predict(Problem(kernel, layout, t, devices=devices, **PLOT_HEADS), hw,
-                            efficiency)
-                times.append(r.seconds)
-                if sum(r.memory.values()) > HARDWARE[hw].hbm_bytes:
-                    too_big.append((t, r.seconds))
-                rows.append((hw, kernel, layout, t, devices, r.seconds, *r.compute_seconds,
-                             *r.comm_seconds, *r.bytes_sent, r.balance, *r.hidden,
-                             r.memory["temporaries"]))
-            line, = ax.loglog(lengths, times, marker="o", ms=3, label=f"{kernel} {layout}")
-            if too_big:  # one attention layer alone would not fit in HBM
-                ax.plot(*zip(*too_big), "x", ms=10, mew=2, color=line.get_color())
-        ideal = [4 * 0.5 * 3.5 * t * t * PLOT_HEADS["heads"] * PLOT_HEADS["head_dim"]
-                 / devices / (HARDWARE[hw].peak_flops * efficiency) for t in lengths]
-        ax.loglog(lengths, ideal, "k:", label="causal FLOPs / n (ideal)")
-        ax.plot([], [], "kx", ms=8, label="exceeds HBM (one layer)")
-        ax.set_title(f"{HARDWARE[hw].name} x {devices}")
-        ax.set_xlabel("sequence length (tokens)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("predicted attention fwd+bwd per layer (s)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"predicted step time, heads 32/8, head_dim 128, bf16, efficiency {efficiency}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "cost_step_time.png"), dpi=120)
-    plt.close(fig)
-
-    _write_csv(os.path.join(out_dir, "cost_step_time.csv"),
-               ("hardware", "kernel", "layout", "seq_len", "devices", "seconds", "compute_fwd_s",
-                "compute_bwd_s", "comm_fwd_s", "comm_bwd_s", "bytes_fwd", "bytes_bwd", "balance",
-                "hidden_fwd", "hidden_bwd", "temp_bytes"), rows)
-
-    names, rows = list(HARDWARE), []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.38
-    for i, pass_ in enumerate(("forward", "backward")):
-        values = [overlap_threshold(h, efficiency, devices, pass_=pass_) or 0 for h in names]
-        rows += [(h, pass_, devices, v) for h, v in zip(names, values)]
-        bars = ax.bar(np.arange(len(names)) + (i - 0.5) * width, values, width, label=pass_)
-        ax.bar_label(bars, fontsize=7)
-    ax.set_xticks(np.arange(len(names)), [HARDWARE[h].name for h in names], fontsize=8)
-    ax.set_ylabel("smallest shard length L (tokens)")
-    ax.set_title(f"smallest shard length from which every K/V hop hides under its step\n"
-                 f"(ring, zigzag, {devices} chips, heads 32/8, head_dim 128, bf16,"
-                 f" efficiency {efficiency})", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "cost_overlap.png"), dpi=120)
-    plt.close(fig)
-
-    _write_csv(os.path.join(out_dir, "cost_overlap.csv"),
-               ("hardware", "pass", "devices", "smallest_shard_len"), rows)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kernel", default="ring", choices=KERNELS)
-    parser.add_argument("--layout", default="zigzag", choices=LAYOUTS)
-    parser.add_argument("--seq_len", type=int, default=1 << 20)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv_heads", type=int, default=8)
-    parser.add_argument("--head_dim", type=int, default=128)
-    parser.add_argument("--devices", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=1, help="per device")
-    parser.add_argument("--itemsize", type=int, default=2, help="bytes per input element")
-    parser.add_argument("--hardware", default="tpu_v5p", choices=list(HARDWARE))
-    parser.add_argument("--efficiency", type=float, default=0.5,
-                        help="fraction of peak FLOP/s the tiles reach")
-    parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--block", type=int, default=None, help="tile length (default per layout)")
-    parser.add_argument("--linear_algorithm", default="ring", choices=LINEAR_ALGORITHMS)
-    parser.add_argument("--forward_only", action="store_true")
-    parser.add_argument("--plots", metavar="DIR", help="write the figures and CSV into DIR")
-    args = parser.parse_args(argv)
-    if args.plots:
-        write_plots(args.plots, args.efficiency)
-        print(f"wrote cost_step_time.png/.csv and cost_overlap.png/.csv to {args.plots}")
-        return
-    p = Problem(args.kernel, args.layout, args.seq_len, args.heads, args.kv_heads, args.head_dim,
-                args.devices, args.batch, args.itemsize, window=args.window,
-                block_q=args.block, block_k=args.block, linear_algorithm=args.linear_algorithm)
-    print(format_prediction(predict(p, args.hardware, args.efficiency, not args.forward_only)))
-
-
-if __name__ == "__main__":
-    main()
+    cost_report.main()

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from lca.bench.records import label as impl_label  # noqa: E402
 from lca.bench.suite import MODES  # noqa: E402
 
 
@@ -28,12 +29,12 @@ def _length(x, _):
 def _label(p):
     layout = "" if p.layout == "-" else f" {p.layout}"
     n = f" n={p.n}" if p.n > 1 else ""
-    return f"{p.impl}{layout}{n} h{p.heads}/{p.kv_heads}"
+    return f"{impl_label(p)}{layout}{n} h{p.heads}/{p.kv_heads}"
 
 
 def _color(p, names):
     """One colour per kernel and layout, in every panel: names is the sorted list of them."""
-    return f"C{names.index((p.impl, p.layout)) % 10}"
+    return f"C{names.index((impl_label(p), p.layout)) % 10}"
 
 
 def _series(points):
@@ -49,7 +50,7 @@ def plot_part(points, part, path):
     rows = [p for p in points if p.part == part]
     if not rows:
         return None
-    names = sorted({(p.impl, p.layout) for p in rows})
+    names = sorted({(impl_label(p), p.layout) for p in rows})
     fig, axes = plt.subplots(len(MODES), 2, figsize=(13, 4.5 * len(MODES)), squeeze=False)
     for i, mode in enumerate(MODES):
         series = _series([p for p in rows if p.mode == mode])
@@ -91,13 +92,13 @@ def plot_mesh_sizes(points, path):
     if not lengths:
         return None
     seq_len = lengths.most_common(1)[0][0]
-    names = sorted({(p.impl, p.layout) for p in rows})
+    names = sorted({(impl_label(p), p.layout) for p in rows})
     fig, axes = plt.subplots(1, len(MODES), figsize=(13, 4.5), squeeze=False)
     for i, mode in enumerate(MODES):
         series = collections.defaultdict(list)
         for p in rows:
             if p.mode == mode and p.seq_len == seq_len:
-                series[p.impl, p.layout, p.heads, p.kv_heads].append(p)
+                series[impl_label(p), p.layout, p.heads, p.kv_heads].append(p)
         for (impl, layout, h, kv), ps in sorted(series.items()):
             ps = sorted(ps, key=lambda p: p.n)
             if len(ps) > 1:

@@ -1,7 +1,9 @@
-"""Benchmark rows: one dataclass per measured point, a CSV writer and reader, a table.
+"""The benchmarks' one row type, `Point`, its CSV writer and reader, and a text table.
 
-Every benchmark module writes its rows with `write_csv`; the suite's rows are
-`Point`s, one per (part, impl, layout, mesh size, heads, length, mode).
+Every part writes Points: `single`, `mesh` and `linear` (the suite: one row
+per kernel, layout, mesh size, heads, length and mode), `balance` (one ring
+layout's critical path), `train` (one training step) and `context` (the
+longest context whose training step fits a memory budget).
 """
 
 from __future__ import annotations
@@ -12,18 +14,22 @@ import dataclasses
 
 @dataclasses.dataclass
 class Point:
-    part: str            # "single", "mesh" or "linear"
-    impl: str            # kernel name in the suite's registry
+    part: str            # "single", "mesh", "linear", "balance", "train" or "context"
+    impl: str            # a registry name (a strategy, a local kernel, linear[/algorithm]) or a peer
     layout: str          # token layout on a mesh; "-" on one device
     n: int               # devices on the sequence axis (1: one device)
     heads: int
     kv_heads: int
-    seq_len: int
-    mode: str            # "fwd" or "fwd+bwd"
-    flops: int           # useful FLOPs (causal), whole problem; compile-time, deterministic
+    seq_len: int         # context: the longest length that fits
+    mode: str            # "fwd", "fwd+bwd" or "train"
+    flops: int | None    # useful FLOPs (causal), whole problem; compile-time, deterministic
     temp_bytes: int      # compiled temporary memory, per device
     fits: bool           # within the memory budget; a point that does not fit is not run
-    seconds: float | None = None      # median over the repeats
+    local: str = ""      # the local kernel a strategy ran
+    block: int | None = None          # tile length, where the run chose one
+    batch: int = 1
+    total_bytes: int | None = None    # compiled arguments + outputs + temporaries - aliased
+    seconds: float | None = None      # median over the repeats (balance: critical path)
     seconds_min: float | None = None  # spread: fastest and slowest repeat
     seconds_max: float | None = None
     peak_fraction: float | None = None  # useful FLOP/s over the matmul peak of this run
@@ -39,60 +45,74 @@ TOLERANCE = 2e-5
 
 
 def write_csv(path, rows, extra=None):
-    """Rows of one dataclass type to `path`; `extra`: {column: value} repeated on every row."""
-    rows = list(rows)
+    """Points to `path`; `extra`: {column: value} repeated on every row (run metadata)."""
     extra = extra or {}
-    fields = [f.name for f in dataclasses.fields(rows[0])] + list(extra)
+    fields = [f.name for f in dataclasses.fields(Point)]
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(fields)
+        out.writerow(fields + list(extra))
         for r in rows:
-            values = [getattr(r, name) for name in fields[:len(fields) - len(extra)]]
-            out.writerow(["" if x is None else x for x in values + list(extra.values())])
+            values = [getattr(r, name) for name in fields] + list(extra.values())
+            out.writerow(["" if x is None else x for x in values])
+
+
+def _value(kind, text):
+    if "int" in kind and "float" not in kind:
+        return int(text) if text else None
+    if "float" in kind:
+        return float(text) if text else None
+    if kind == "bool":
+        return text == "True"
+    return text
 
 
 def read_points(path):
-    """The `Point`s of a suite CSV (the extra columns are dropped)."""
-    types = {f.name: f.type for f in dataclasses.fields(Point)}
-    rows = []
+    """The Points of a CSV (extra columns dropped; missing ones take their defaults)."""
+    fields = {f.name: f for f in dataclasses.fields(Point)}
     with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            values = {}
-            for name, kind in types.items():
-                text = raw[name]
-                if "int" in kind and "float" not in kind:
-                    values[name] = int(text) if text else None
-                elif "float" in kind:
-                    values[name] = float(text) if text else None
-                elif kind == "bool":
-                    values[name] = text == "True"
-                else:
-                    values[name] = text
-            rows.append(Point(**values))
-    return rows
+        return [Point(**{name: _value(fields[name].type, text) for name, text in raw.items()
+                         if name in fields and text is not None})
+                for raw in csv.DictReader(f)]
+
+
+def read_extra(path):
+    """The run metadata columns of a CSV's first row ({} when it has none)."""
+    fields = {f.name for f in dataclasses.fields(Point)}
+    with open(path, newline="") as f:
+        first = next(csv.DictReader(f), {})
+    return {k: v for k, v in first.items() if k not in fields}
 
 
 def _num(x, fmt):
     return "" if x is None else format(x, fmt)
 
 
+def label(p) -> str:
+    """impl, with the local kernel a strategy ran when it is not the default one."""
+    from lca.kernels import registry  # noqa: PLC0415 (plots and tables need no JAX otherwise)
+
+    return p.impl if p.local in ("", registry.DEFAULT_LOCAL) else f"{p.impl}[{p.local}]"
+
+
 def format_points(rows) -> str:
     """A fixed-width table: one line per point, the spread and the correctness beside the time."""
-    head = (f"{'part':>6} {'impl':>18} {'layout':>10} {'n':>2} {'h/kv':>5} {'T':>8} {'mode':>7}"
+    head = (f"{'part':>7} {'impl':>18} {'layout':>10} {'n':>2} {'h/kv':>5} {'T':>8} {'mode':>7}"
             f" {'median s':>9} {'min-max s':>15} {'x base':>6} {'%peak':>6} {'temp MiB':>9}"
             f" {'max rel err':>11}")
     lines = [head]
     for r in rows:
-        start = (f"{r.part:>6} {r.impl:>18} {r.layout:>10} {r.n:>2} {f'{r.heads}/{r.kv_heads}':>5}"
-                 f" {r.seq_len:>8} {r.mode:>7}")
+        start = (f"{r.part:>7} {label(r):>18} {r.layout:>10} {r.n:>2}"
+                 f" {f'{r.heads}/{r.kv_heads}':>5} {r.seq_len:>8} {r.mode:>7}")
         mib = f"{r.temp_bytes / 2**20:9.1f}"
         err = _num(r.max_rel_error, ".1e")
         if r.max_rel_error is not None and r.max_rel_error > TOLERANCE:
             err += " WRONG"
-        if not r.fits:
-            lines.append(f"{start} {'does not fit in the memory budget':>48} {mib} {err:>11}")
+        if not r.fits or r.seconds is None:
+            what = "not timed" if r.fits else "does not fit in the memory budget"
+            lines.append(f"{start} {what:>48} {mib} {err:>11}")
             continue
-        spread = f"{r.seconds_min:.3f}-{r.seconds_max:.3f}"
+        spread = ("" if r.seconds_min is None
+                  else f"{r.seconds_min:.3f}-{r.seconds_max:.3f}")
         peak = "" if r.peak_fraction is None else f"{100 * r.peak_fraction:5.1f}%"
         lines.append(f"{start} {r.seconds:9.3f} {spread:>15} {_num(r.vs_baseline, '.2f'):>6}"
                      f" {peak:>6} {mib} {err:>11}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import collections
+import itertools
 
-from lca.bench.records import TOLERANCE
+from lca.bench.records import TOLERANCE, label
 
 
 def _index(points):
-    return {(p.part, p.impl, p.layout, p.n, p.heads, p.kv_heads, p.seq_len, p.mode): p
+    return {(p.part, label(p), p.layout, p.n, p.heads, p.kv_heads, p.seq_len, p.mode): p
             for p in points}
 
 
@@ -17,38 +18,38 @@ def _heads(points):
 
 
 def single_device(points):
+    """Every one-device kernel against the baseline (speed, memory), and the linear family
+    against the default local kernel (from which length it is faster)."""
+    from lca.kernels import registry  # noqa: PLC0415
+
     rows = [p for p in points if p.part == "single"]
     at = _index(rows)
+    base, mine, linear = registry.baseline("local"), registry.DEFAULT_LOCAL, registry.names("linear")
     lines = []
-    for h, kv in _heads(rows):
-        for mode in ("fwd", "fwd+bwd"):
-            key = lambda impl, t: ("single", impl, "-", 1, h, kv, t, mode)
-            lens = sorted({p.seq_len for p in rows})
-            parts = []
-            for t in lens:
-                xla, blk = at.get(key("xla", t)), at.get(key("blockwise", t))
-                if xla is None or blk is None or blk.seconds is None:
-                    continue
-                speed = f"{xla.seconds / blk.seconds:.2f}x" if xla.seconds else "xla does not fit"
-                parts.append(f"T={t}: {speed}, memory /{xla.temp_bytes / blk.temp_bytes:.1f}")
-            if parts:
-                lines.append(f"blockwise vs xla, h{h}/{kv} {mode}: " + "; ".join(parts))
-            fit = [t for t in lens if key("xla", t) in at and at[key("xla", t)].fits]
-            ran = [t for t in lens if key("blockwise", t) in at and at[key("blockwise", t)].fits]
-            if fit and ran:
-                lines.append(f"longest T measured, h{h}/{kv} {mode}: xla {max(fit)}"
-                             f" (fits the budget), blockwise {max(ran)}")
-            ratios = [(t, at[key("linear", t)].seconds / at[key("blockwise", t)].seconds)
-                      for t in lens if key("linear", t) in at and key("blockwise", t) in at
-                      and at[key("linear", t)].seconds and at[key("blockwise", t)].seconds]
+    for (h, kv), mode in itertools.product(_heads(rows), ("fwd", "fwd+bwd")):
+        key = lambda impl, t: ("single", impl, "-", 1, h, kv, t, mode)
+        lens = sorted({p.seq_len for p in rows})
+        for impl in sorted({label(p) for p in rows} - {base}):
+            cells = [(t, at.get(key(base, t)), at.get(key(impl, t))) for t in lens]
+            cells = [(t, b, p) for t, b, p in cells if b and p and p.seconds]
+            if cells:
+                lines.append(f"{impl} vs {base}, h{h}/{kv} {mode}: " + "; ".join(
+                    (f"T={t}: {b.seconds / p.seconds:.2f}x" if b.seconds
+                     else f"T={t}: {base} does not fit")
+                    + f", memory /{b.temp_bytes / max(p.temp_bytes, 1):.1f}"
+                    for t, b, p in cells))
+        for name in linear:
+            ratios = [(t, at[key(name, t)].seconds / at[key(mine, t)].seconds) for t in lens
+                      if key(name, t) in at and key(mine, t) in at
+                      and at[key(name, t)].seconds and at[key(mine, t)].seconds]
+            wins = None
+            for t, r in sorted(ratios, reverse=True):
+                if r > 1:
+                    break
+                wins = t
             if ratios:
-                wins = None
-                for t, r in sorted(ratios, reverse=True):
-                    if r > 1:
-                        break
-                    wins = t
-                tail = f"; linear faster from T={wins} on" if wins else "; blockwise faster"
-                lines.append(f"linear/blockwise time, h{h}/{kv} {mode}: "
+                tail = f"; {name} faster from T={wins} on" if wins else f"; {mine} faster"
+                lines.append(f"{name}/{mine} time, h{h}/{kv} {mode}: "
                              + ", ".join(f"T={t}: {r:.2f}" for t, r in ratios) + tail)
     best = collections.defaultdict(float)
     for p in rows:
@@ -73,12 +74,12 @@ def mesh(points):
                 continue
             t = max(p.seq_len for p in at_n)
             group = [p for p in at_n if p.seq_len == t]
-            ra = [p.seconds for p in group if p.impl == "ringattention"]
+            peer = [p.seconds for p in group if p.impl == PEER]
             cells = []
             for p in sorted(group, key=lambda p: p.seconds):
-                vs_ra = f", x ringattention {ra[0] / p.seconds:.2f}" if ra else ""
-                base = "" if p.vs_baseline is None else f" x allgather {p.vs_baseline:.2f}"
-                cells.append(f"{p.impl}/{p.layout} {p.seconds:.2f}s{base}{vs_ra}")
+                vs_peer = f", x {PEER} {peer[0] / p.seconds:.2f}" if peer else ""
+                base = "" if p.vs_baseline is None else f" x {p.baseline} {p.vs_baseline:.2f}"
+                cells.append(f"{label(p)}/{p.layout} {p.seconds:.2f}s{base}{vs_peer}")
             lines.append(f"mesh n={n} T={t} h{h}/{kv} {mode} (fastest first): "
                          + "; ".join(cells))
     return lines
@@ -100,8 +101,28 @@ def linear(points):
     return lines
 
 
+def balance_and_training(points):
+    lines = []
+    ring = {p.layout: p for p in points if p.part == "balance"}
+    if "contiguous" in ring:
+        lines.append("ring critical path vs contiguous: " + ", ".join(
+            f"{name} {p.seconds / ring['contiguous'].seconds:.3f}" for name, p in ring.items()))
+    speed = [p for p in points if p.part == "train"]
+    if len(speed) > 1:
+        tokens = [p.batch * p.seq_len / p.seconds for p in speed]
+        lines.append(f"training tokens/s at T={speed[0].seq_len}: " + ", ".join(
+            f"{p.impl} {t:,.0f}" for p, t in zip(speed, tokens))
+            + f"; {speed[0].impl} / {speed[-1].impl}: {tokens[0] / tokens[-1]:.2f}x")
+    context = [p for p in points if p.part == "context"]
+    if context:
+        lines.append("longest context in budget: " + ", ".join(
+            f"{p.impl} {p.seq_len:,d}" for p in context))
+    return lines
+
+
 def key_figures(points) -> str:
-    lines = single_device(points) + mesh(points) + linear(points)
+    lines = (single_device(points) + mesh(points) + linear(points)
+             + balance_and_training(points))
     bad = [p for p in points if p.max_rel_error is not None and p.max_rel_error > TOLERANCE]
     lines.append(f"correctness: every kernel within {TOLERANCE:g} of the float64 reference"
                  if not bad
@@ -116,6 +137,9 @@ def _outside_by(p, q):
         return 0.0
     edge = q.seconds_min if p.seconds < q.seconds_min else q.seconds_max
     return abs(p.seconds / edge - 1)
+
+
+PEER = "ringattention"
 
 
 def compare(previous, points) -> str:

@@ -26,16 +26,11 @@ def median_seconds(fn, *args, repeats: int = 3, warmup: bool = True) -> float:
     return statistics.median(times)
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 10, fastest: bool = False) -> float:
-    """FLOP/s of a size x size float32 matmul on the default device: the peak we compare to.
-
-    Median of the repeats, or with `fastest` the fastest one (on a shared
-    machine the fastest run is the closest to what the hardware can do).
-    """
+def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a size x size float32 matmul on the default device, the fastest of
+    `repeats` (on a shared machine the closest to what the hardware can do): the peak."""
     a = jnp.ones((size, size), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
-    if not fastest:
-        return 2 * size**3 / median_seconds(matmul, a, a, repeats=repeats)
     jax.block_until_ready(matmul(a, a))
     return 2 * size**3 / min(median_seconds(matmul, a, a, repeats=1, warmup=False)
                              for _ in range(repeats))
@@ -90,18 +85,7 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def available_memory_bytes() -> int:
-    """Memory the OS could give us now (MemAvailable), or physical memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def temp_bytes(compiled) -> int:
-    """Temporary memory of a compiled XLA executable."""
-    return compiled.memory_analysis().temp_size_in_bytes
+def total_bytes(memory) -> int:
+    """Per-device bytes of a compiled program: arguments + outputs + temporaries - aliased."""
+    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+               + memory.temp_size_in_bytes - memory.alias_size_in_bytes)

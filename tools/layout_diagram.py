@@ -1,6 +1,6 @@
 """Diagrams for docs/: which (query, key) pairs each ring step computes, per layout.
 
-    python -c "from lca.bench import diagrams; diagrams.write_layout_steps('docs/figures')"
+    python tools/layout_diagram.py docs/figures     # layout_steps.png
 
 Pure NumPy and Matplotlib (no JAX): the picture is computed from
 `lca.layouts.positions`, the same positions the ring kernel's masks use.
@@ -88,3 +88,9 @@ def write_layout_steps(out_dir: str, seq_len: int = 32, num_shards: int = 4) -> 
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(f"wrote {write_layout_steps(sys.argv[1] if len(sys.argv) > 1 else 'docs/figures')}")
