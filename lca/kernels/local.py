@@ -68,8 +68,9 @@ class LocalKernel:
 
     forward / backward: the protocol above; None for a kernel that only runs
     whole on one device (then `direct` is what `lca.attention` calls).
-    tiles: default tile length (block_q = block_k) without and with
-    grouped-query heads; None for a kernel that takes no tiles.
+    tiles: default tile length (block_q = block_k): on one device and under a
+    strategy without grouped-query heads, and under a strategy with them;
+    None for a kernel that takes no tiles.
     direct: a single-device function with `lca.attention`'s signature, used
     instead of the generic wrapper (the float64 oracle, XLA's own attention).
     baseline: the one-device baseline of the benchmark suite.
@@ -125,27 +126,30 @@ def resolve(local, q, k, spec: MaskSpec, *, strategy: str | None = None) -> Loca
 
 
 def default_tiles(kernel: LocalKernel, groups: int, layout: str | None = None,
-                  shard_len: int | None = None) -> int:
+                  shard_len: int | None = None, sharded: bool | None = None) -> int:
     """The tile length a kernel runs with when none is given, resolved once per call.
 
-    The kernel's own default, the second one with grouped-query heads (G = H / K
-    query heads share a K/V tile, so G x bq rows of float32 logits: a shorter
-    tile keeps that working set as small as without groups); on a zigzag shard
-    at most one chunk (shard_len / 2), so no tile straddles the two chunks.
+    The kernel's own default; under a strategy (`sharded`, by default whenever a
+    layout is given) the second one with grouped-query heads (G = H / K query
+    heads share a K/V tile, so G x bq rows of float32 logits per step); on a
+    zigzag shard at most one chunk (shard_len / 2), so no tile straddles the
+    two chunks.
     """
     if kernel.tiles is None:
         return 0
-    block = kernel.tiles[0] if groups == 1 else kernel.tiles[1]
+    sharded = layout is not None if sharded is None else sharded
+    block = kernel.tiles[1] if sharded and groups > 1 else kernel.tiles[0]
     if layout == "zigzag" and shard_len is not None:
         block = min(block, max(1, shard_len // 2))
     return block
 
 
 def config(kernel: LocalKernel, q, k, *, causal, window, segments, scale, block_q=None,
-           block_k=None, kv_len=None) -> LocalConfig:
+           block_k=None, kv_len=None, sharded=False) -> LocalConfig:
     """A LocalConfig for this call: defaults resolved, tiles no longer than the lengths
-    (kv_len: the key length the kernel will see, default k's; more for a gather)."""
-    default = default_tiles(kernel, q.shape[2] // k.shape[2])
+    (kv_len: the key length the kernel will see, default k's; more for a gather;
+    sharded: a strategy's call, see `default_tiles`)."""
+    default = default_tiles(kernel, q.shape[2] // k.shape[2], sharded=sharded)
     bq = default if block_q is None else block_q
     bk = default if block_k is None else block_k
     if kernel.tiles is not None:

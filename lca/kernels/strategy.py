@@ -63,7 +63,7 @@ def prepare(name, q, k, v, *, axis_name, local, causal, window, segment_ids, kv_
     kernel = local_lib.resolve(local, q, k, spec, strategy=name)
     cfg = local_lib.config(kernel, q, k, causal=causal, window=window,
                            segments=segment_ids is not None, scale=scale, block_q=block_q,
-                           block_k=block_k, kv_len=kv_len)
+                           block_k=block_k, kv_len=kv_len, sharded=True)
     arrays = shard_mask_arrays(q, k, axis_name, positions=positions, kv_positions=kv_positions,
                                segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
     return kernel, cfg, arrays
