@@ -32,7 +32,7 @@ def load(figures_dir):
     for key, name in DATA.items():
         path = os.path.join(figures_dir, name)
         if os.path.exists(path):
-            data[key], data[f"meta_{key}"] = records.read_points(path), records.read_extra(path)
+            data[key], data[f"meta_{key}"] = records.read_points(path), records.read_extras(path)
     for key, name in COST.items():
         path = os.path.join(figures_dir, name)
         if os.path.exists(path):
@@ -41,12 +41,15 @@ def load(figures_dir):
     return data
 
 
-def _source(data, key):
-    meta = data.get(f"meta_{key}", {})
-    peak = meta.get("matmul_peak_gflops")
-    peak = f", matmul peak {float(peak):.0f} GFLOP/s in that run" if peak else ""
-    return (f"_From `docs/figures/{DATA[key]}` (grid `{meta.get('grid', '?')}`{peak},"
-            f" {meta.get('finished', '?')})._")
+def _source(data, key, **where):
+    """The table's source line: its data file and the run(s) its rows come from."""
+    runs = []
+    for p, meta in zip(data.get(key, ()), data.get(f"meta_{key}", ())):
+        if all(getattr(p, k) == v for k, v in where.items()):
+            peak = meta.get("matmul_peak_gflops")
+            peak = f", matmul peak {float(peak):.0f} GFLOP/s in that run" if peak else ""
+            runs.append(f"grid `{meta.get('grid', '?')}`{peak}, {meta.get('finished', '?')}")
+    return f"_From `docs/figures/{DATA[key]}` ({'; '.join(dict.fromkeys(runs)) or '?'})._"
 
 
 def _at(data, key="points", **where):
@@ -115,7 +118,7 @@ def single(data):
         f" median seconds, speed-up over `{base}` in the same rounds, compiled temporary"
         f" memory. \"over budget\": the compiled program needs more than half the machine's"
         f" memory and was not run. Largest error of any kernel here against float64:"
-        f" {worst:.1e}.", _source(data, "points")])
+        f" {worst:.1e}.", _source(data, "points", part="single")])
 
 
 def mesh(data):
@@ -153,7 +156,8 @@ def mesh(data):
         _table(header, rows), "",
         f"Causal forward+backward at T={t:,} on {n} emulated CPU devices, batch 1, head_dim"
         f" 64, float32: median seconds, time relative to the `{PEER}` package's (below"
-        f" 1 is faster) and compiled temporaries per device.", _source(data, "points")])
+        f" 1 is faster) and compiled temporaries per device.",
+        _source(data, "points", part="mesh")])
 
 
 def linear(data):
@@ -177,7 +181,7 @@ def linear(data):
                      f" by how the states cross shards: " + "; ".join(cells) + ".")
     lines.append("One device, batch 1, 4 heads, key and value dims 64, float32, per-head decay,"
                  " chunk 64.")
-    return "\n".join(lines + [_source(data, "points")])
+    return "\n".join(lines + [_source(data, "points", part="linear")])
 
 
 # ----------------------------------------------------------------------------- against the model
@@ -240,7 +244,7 @@ def memory_check(data):
         _table(["heads", "T", "compiled MiB per device", "model MiB", "model / compiled"], body),
         "", f"`{strategy}` in the zigzag layout, causal forward+backward, float32, head_dim 64,"
         f" n={points[0].n}: the suite's compiled temporaries and `tools/cost_model.py`'s"
-        f" estimate.", _source(data, "points")])
+        f" estimate.", _source(data, "points", part="mesh")])
 
 
 def overlap(data):
@@ -325,7 +329,7 @@ def questions(data):
         memory += (f"; at {_tokens(over[0])} dense needs {x.temp_bytes / 2**30:.1f} GiB and is not"
                    f" run, `{mine}` {b.temp_bytes / 2**20:.0f} MiB"
                    f" ({x.temp_bytes / b.temp_bytes:.0f}x less)")
-    context = _at(data, "train", part="context")
+    context = sorted(_at(data, "train", part="context"), key=lambda p: p.impl != base)
     dense = next((p.seq_len for p in context if p.impl == base), None)
     reach = ", ".join(f"`{p.impl}` {_tokens_long(p.seq_len)}" + (
         f" ({p.seq_len / dense:.0f}x)" if dense and p.impl != base else "") for p in context)

@@ -37,7 +37,7 @@ PART_OF = {"train": "train", "context": "train"}  # row part -> the part that wr
 
 # (what it writes, file relative to the repository root, function taking out_dir[, quick])
 PRODUCERS = [
-    ("communication cost model", "tools/cost_plots.py", "write_plots"),
+    ("communication cost model", "tools/cost_report.py", "write_plots"),
     ("ring steps per layout", "tools/layout_diagram.py", "write_layout_steps"),
 ]
 
@@ -70,6 +70,7 @@ def run_producers(out_dir, producers=None, *, quick=False):
         fn = None if module is None else getattr(module, function, None)
         if fn is None:
             notes.append(f"skipped {what}: {path} has no {function}() yet")
+            print(notes[-1], flush=True)
             continue
         start = time.time()
         fn(out_dir, **({"quick": True} if quick and "quick" in
@@ -134,12 +135,15 @@ def run(out_dir, grid, parts, *, quick=False, grid_name="custom"):
         path = os.path.join(out_dir, name)
         mine = [p for p in rows if FILES[PART_OF.get(p.part, p.part)] == name]
         previous = records.read_points(path) if os.path.exists(path) else []
+        extras = records.read_extras(path) if previous else []
         ran = {PART_OF.get(p.part, p.part) for p in mine}
         before = [p for p in previous if PART_OF.get(p.part, p.part) in ran]
         if before:
             print(summary.compare(before, mine))
-        kept = [p for p in previous if PART_OF.get(p.part, p.part) not in ran]
-        records.write_csv(path, kept + mine, extra)
+        kept = [(p, e) for p, e in zip(previous, extras)
+                if PART_OF.get(p.part, p.part) not in ran]  # with their own run's metadata
+        records.write_csv(path, [p for p, _ in kept] + mine,
+                          [e for _, e in kept] + [extra] * len(mine))
         print(f"wrote {path}")
     print(records.format_points(rows))
     print(summary.key_figures(rows))

@@ -45,14 +45,16 @@ TOLERANCE = 2e-5
 
 
 def write_csv(path, rows, extra=None):
-    """Points to `path`; `extra`: {column: value} repeated on every row (run metadata)."""
-    extra = extra or {}
+    """Points to `path`; `extra`: run metadata, {column: value} for every row or a list of
+    such dicts, one per row (rows kept from an earlier run keep theirs)."""
+    extras = extra if isinstance(extra, list) else [extra or {}] * len(rows)
+    columns = list(dict.fromkeys(k for e in extras for k in e))
     fields = [f.name for f in dataclasses.fields(Point)]
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(fields + list(extra))
-        for r in rows:
-            values = [getattr(r, name) for name in fields] + list(extra.values())
+        out.writerow(fields + columns)
+        for r, e in zip(rows, extras):
+            values = [getattr(r, name) for name in fields] + [e.get(c) for c in columns]
             out.writerow(["" if x is None else x for x in values])
 
 
@@ -75,12 +77,11 @@ def read_points(path):
                 for raw in csv.DictReader(f)]
 
 
-def read_extra(path):
-    """The run metadata columns of a CSV's first row ({} when it has none)."""
+def read_extras(path):
+    """The run metadata of every row of a CSV, aligned with `read_points`."""
     fields = {f.name for f in dataclasses.fields(Point)}
     with open(path, newline="") as f:
-        first = next(csv.DictReader(f), {})
-    return {k: v for k, v in first.items() if k not in fields}
+        return [{k: v for k, v in raw.items() if k not in fields} for raw in csv.DictReader(f)]
 
 
 def _num(x, fmt):
