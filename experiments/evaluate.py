@@ -5,13 +5,16 @@
 Prints the run's metrics (held-out accuracy by length and depth for passkey
 and recall, validation loss and bits per byte for text) and writes them to
 DIR/eval_<step>.json. The default mesh is the checkpoint's own when the
-devices match, else one device.
+devices match, else one device; the mesh used is printed first. A refusal is
+one line, `error: ...`, and exit status 2.
 """
 
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from lca.train import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory holding checkpoints/")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
@@ -27,10 +30,8 @@ def main(argv):
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     from lca.train import evaluate_checkpoint  # noqa: PLC0415
 
-    mesh = None
-    if _MESH.value:
-        mesh = {k: int(v) for k, v in (p.split("=") for p in _MESH.value.split(","))}
-    step, metrics = evaluate_checkpoint(_WORKDIR.value, step=_STEP.value, mesh_axes=mesh)
+    step, metrics = evaluate_checkpoint(_WORKDIR.value, step=_STEP.value,
+                                        mesh_axes=cli.parse_mesh(_MESH.value), log=print)
     for k, v in metrics.items():
         print(f"{k}: {v:.4f}")
     path = os.path.join(_WORKDIR.value, f"eval_{step}.json")
@@ -40,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, config_flag=None)

@@ -7,14 +7,19 @@ Resumes from the newest checkpoint in DIR. Writes checkpoints/, metrics.jsonl,
 tb/ (TensorBoard) and summary.png there, and prints where they are. SIGTERM or
 Ctrl-C saves a checkpoint after the current step and exits 0; run the same
 command to resume. `--dry_run` checks everything and prints the resolved
-config, the mesh and per-device memory, then exits without writing.
+config, the mesh and per-device memory (compiling the step to read it), then
+exits without writing. A refusal (an option, a value, the mesh, the workdir)
+is one line, `error: ...`, and exit status 2 (LCA_TRACEBACK=1 shows the
+traceback).
 """
 
 import shlex
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from lca.train import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:variant]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, figure)")
@@ -49,8 +54,9 @@ def main(argv):
     # SIGTERM/SIGINT: the loop saves a checkpoint, says how to resume, and main returns (exit 0).
     command = shlex.join([sys.executable, *sys.argv])
     result = lca.train.train(exp, _WORKDIR.value, progress=_PROGRESS.value, command=command)
-    print(lca.train.summary(result, _WORKDIR.value))
+    if distributed.is_main_process():  # the files it names are process 0's
+        print(lca.train.summary(result, _WORKDIR.value))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

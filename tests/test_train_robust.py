@@ -97,9 +97,9 @@ DRIVER = textwrap.dedent("""
 
     def run_cli(*flags):
         sys.argv = ["experiments/train.py", "--config", {smoke!r}, "--workdir", workdir,
-                    "--noprogress", *flags]
+                    *flags]
         try:
-            cli["app"].run(cli["main"], argv=sys.argv)
+            cli["cli"].run(cli["main"], argv=sys.argv)
         except SystemExit as e:
             print(f"exit status {{e.code or 0}}", flush=True)
 
@@ -168,9 +168,22 @@ def test_sigterm_on_the_command_line_saves_says_how_to_resume_and_exits_0(driven
     workdir, _, out = driven
     assert (f"stopped by SIGTERM after step 3: saved step 3 to {checkpoint_dir(workdir)};"
             f" resume with: {sys.executable} experiments/train.py --config {SMOKE} --workdir"
-            f" {workdir} --noprogress --nodry_run\n") in out
+            f" {workdir} --nodry_run\n") in out
     assert "stopped by SIGTERM at step 3" in out  # the summary
     assert "exit status 0" in out.split("stopped by SIGTERM at step 3")[1]
+
+
+def test_output_to_a_pipe_has_plain_progress_lines_with_or_without_noprogress(driven):
+    """The command line (progress on, stdout a pipe) and a resumed run (progress off) both
+    print one line per log_every steps, and no progress bar's carriage returns."""
+    _, _, out = driven
+    assert "\r" not in out
+    cli, resumed = out.split("stopped by SIGTERM at step 3")
+    lines = lambda text: [line.split()[1] for line in text.splitlines()
+                          if line.startswith("step ") and "  loss " in line]
+    assert lines(cli) == ["2/8"] and lines(resumed) == ["4/8", "6/8", "8/8"], out
+    line = next(line for line in cli.splitlines() if line.startswith("step 2/8"))
+    assert all(f"  {part} " in line for part in ("loss", "tokens/s", "elapsed", "eta")), line
 
 
 def test_kill_9_while_writing_a_checkpoint_resumes_from_the_previous_one(driven):

@@ -114,9 +114,10 @@ class Evaluator:
         return out
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, mesh_axes: dict | None = None):
+def evaluate_checkpoint(workdir: str, step: int | None = None, mesh_axes: dict | None = None,
+                        log=None):
     """(step, metrics) of a checkpoint, on `mesh_axes` (default: the run's own mesh if the
-    device count fits, else one device)."""
+    device count fits, else one device); `log(line)` is told the mesh used."""
     import jax
 
     from lca.parallel import make_mesh
@@ -130,5 +131,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, mesh_axes: dict |
             mesh_axes = {"data": 1}
     devices = jax.devices()[:1] if mesh_axes == {"data": 1} else None
     mesh = make_mesh(mesh_axes, devices)
+    if log is not None:
+        log(f"mesh: {dict(mesh.shape)} ({mesh.size} of {len(jax.devices())} devices)")
     model, exp, step = load(workdir, step, mesh=mesh)
     return step, Evaluator(exp, state_lib.context(exp, mesh))(model)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
+import sys
 import time
 
 import jax
@@ -42,10 +44,19 @@ class RunResult:
 
 
 def _bar(total, initial, enabled):
-    if not enabled:
+    """A progress bar on a terminal; None (plain log lines instead) for a file or a pipe."""
+    if not enabled or not sys.stdout.isatty():
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def progress_line(step, steps, loss, tokens_per_s, step_time, elapsed):
+    """One plain line per `log_every` steps: what a log file or a scheduler shows."""
+    clock = lambda s: str(datetime.timedelta(seconds=round(s)))
+    return (f"step {step}/{steps}  loss {loss:.4f}  tokens/s {tokens_per_s:,.0f}"
+            f"  step {step_time:.3f} s  elapsed {clock(elapsed)}"
+            f"  eta {clock(step_time * (steps - step))}")
 
 
 def prepare(exp: Experiment, workdir: str, log=print):
@@ -131,9 +142,12 @@ def train(exp: Experiment, workdir: str, *, progress: bool = True, stop_at: int 
     evaluator = Evaluator(exp, ts.ctx)
     writer = MetricsWriter(workdir)
     end = t.steps if stop_at is None else min(stop_at, t.steps)
-    bar = _bar(t.steps, start, progress and distributed.is_main_process())
+    main = distributed.is_main_process()
+    bar = _bar(t.steps, start, progress and main)
+    plain = log if bar is None and main else (lambda line: None)  # lines for files, schedulers
     losses, evals, skipped, stopped_by, step = [], {}, 0, None, start
     clock, clock_step = time.perf_counter(), start
+    began = clock
     try:
         with Preemption() as preemption:
             for step in range(start + 1, end + 1):
@@ -165,14 +179,15 @@ def train(exp: Experiment, workdir: str, *, progress: bool = True, stop_at: int 
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                         tok_s=f"{tokens / step_time:,.0f}",
                                         step_s=f"{step_time:.3f}")
+                    plain(progress_line(step, t.steps, float(metrics["loss"]),
+                                        tokens / step_time, step_time, now - began))
                 if bar is not None:
                     bar.update(1)
                 stop = preemption.should_stop(step)
                 if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                     evals = evaluator(ts.state[0])
                     writer.write(step, evals)
-                    if bar is not None:
-                        bar.write(f"step {step}: " + _fmt(evals))
+                    (bar.write if bar is not None else plain)(f"step {step}: " + _fmt(evals))
                 if step % t.checkpoint_every == 0 or step == end or stop:
                     ckpt_lib.save(mngr, step, ts, exp, data.get_state(), force=step == end or stop)
                 if stop:
