@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+
 from lca.kernels import local as local_lib
 from lca.kernels import masks as masks_lib
 from lca.kernels import registry
@@ -37,6 +40,7 @@ def attention(q, k, v, *, impl=registry.DEFAULT_LOCAL, causal=False, window=None
       [batch, q_len, heads, head_dim] in q's dtype; a query that sees no key
       gets zeros.
     """
+    _check_options(impl, options)
     batch, q_len, kv_len = check_attention_args(
         q, k, v, causal=causal, window=window, segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids, positions=positions, kv_positions=kv_positions,
@@ -54,8 +58,6 @@ def attention(q, k, v, *, impl=registry.DEFAULT_LOCAL, causal=False, window=None
     if kernel.direct is not None:
         return kernel.direct(q, k, v, **mask, **options,
                              **({"return_lse": True} if return_lse else {}))
-    if options:
-        raise ValueError(f"impl={impl!r} takes no options {sorted(options)}")
     cfg = local_lib.config(kernel, q, k, causal=causal, window=window,
                            segments=segment_ids is not None, scale=scale, block_q=block_q,
                            block_k=block_k)
@@ -64,3 +66,23 @@ def attention(q, k, v, *, impl=registry.DEFAULT_LOCAL, causal=False, window=None
         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
     out, lse = local_lib.attend(kernel, cfg, q, k, v, arrays)
     return (out, lse) if return_lse else out
+
+
+def _check_options(impl, options):
+    """Options beyond lca.attention's own are the direct kernel's; name anything else."""
+    if not options:
+        return
+    kernel = registry.local_kernel(impl)
+    own = [n for n in inspect.signature(attention).parameters if n not in ("q", "k", "v",
+                                                                           "options")]
+    extra = [] if kernel.direct is None else [
+        n for n in inspect.signature(kernel.direct).parameters
+        if n not in own and n not in ("q", "k", "v")]
+    unknown = sorted(set(options) - set(extra))
+    if unknown:
+        near = [m for u in unknown for m in difflib.get_close_matches(u, own + extra, n=1)]
+        raise ValueError(
+            f"lca.attention got unknown argument(s) {unknown}"
+            + (f" (did you mean {', '.join(near)}?)" if near else "")
+            + f"; it takes {', '.join(own)}"
+            + (f", and for impl={impl!r} {', '.join(extra)}" if extra else ""))

@@ -46,3 +46,22 @@ def test_unknown_impl_lists_the_known_ones():
 def test_block_sizes_must_be_positive_integers(name, value):
     with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
         lca.attention(Q, KV, KV, **{name: value})
+
+
+@pytest.mark.parametrize("q,k,message", [
+    (Q.astype(jnp.float16), KV.astype(jnp.float16), r"q must be float32 or bfloat16 .*got float16"),
+    (Q.astype(jnp.float32), KV.astype(jnp.bfloat16),
+     r"q, k, v must share one dtype; got q float32, k bfloat16"),
+])
+def test_dtypes_outside_the_contract_are_refused(q, k, message):
+    with pytest.raises(ValueError, match=message):
+        lca.attention(q, k, k)
+    with pytest.raises(ValueError, match=message):
+        lca.sequence_parallel_attention(q, k, k, mesh=lca.parallel.make_mesh({"sequence": 8}))
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+def test_a_misspelled_argument_is_named_with_the_valid_ones(impl):
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['casual'\] \(did you mean"
+                                         r" causal\?\); it takes impl, causal, window"):
+        lca.attention(Q, KV, KV, impl=impl, casual=True)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lca.kernels import linear_chunked
-from lca.kernels.validation import check_block
+from lca.kernels.validation import check_block, check_dtypes
 
 IMPLS = ("chunked", "recurrent", "quadratic")
 
@@ -81,6 +81,7 @@ def check_linear_args(q, k, v, *, log_decay=None, normalize=False, chunk_size=64
     _check_float("q", q, 4, "[batch, seq, heads, key_dim]")
     _check_float("k", k, 4, "[batch, seq, kv_heads, key_dim]")
     _check_float("v", v, 4, "[batch, seq, kv_heads, value_dim]")
+    check_dtypes(q=q, k=k, v=v)
     check_heads(_shape(q), _shape(k), _shape(v), "", "batch, seq")
     b, t, h, dk = _shape(q)
     dv = _shape(v)[3]

@@ -18,6 +18,22 @@ def _dtype(x):
     return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
+# Input dtypes every kernel takes (float64 for the reference oracle and tests).
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+def check_dtypes(**arrays):
+    """Each array is float32, bfloat16 or float64, all the same; a ValueError names them."""
+    for name, x in arrays.items():
+        if not jnp.issubdtype(_dtype(x), jnp.floating) or _dtype(x).name not in DTYPES:
+            raise ValueError(f"{name} must be float32 or bfloat16 (float64 for the reference);"
+                             f" got {_dtype(x)}")
+    kinds = {name: _dtype(x).name for name, x in arrays.items()}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"{', '.join(kinds)} must share one dtype; got"
+                         f" {', '.join(f'{n} {d}' for n, d in kinds.items())}: cast them first")
+
+
 def check_attention_args(q, k, v, *, causal=False, window=None, segment_ids=None,
                          kv_segment_ids=None, positions=None, kv_positions=None,
                          scale=None):
@@ -28,6 +44,7 @@ def check_attention_args(q, k, v, *, causal=False, window=None, segment_ids=None
                 f"{name} must be [batch, len, heads, head_dim] (rank 4); got shape {_shape(x)}")
         if not jnp.issubdtype(_dtype(x), jnp.floating):
             raise ValueError(f"{name} must be a floating dtype; got {_dtype(x)}")
+    check_dtypes(q=q, k=k, v=v)
     (b, t, h, d), (bk, s, hk, dk) = _shape(q), _shape(k)
     if _shape(v) != _shape(k):
         raise ValueError(f"v must have k's shape {_shape(k)}; got {_shape(v)}")
@@ -39,8 +56,6 @@ def check_attention_args(q, k, v, *, causal=False, window=None, segment_ids=None
         raise ValueError(
             f"q heads ({h}) must be a multiple of kv_heads ({hk}) for grouped-query attention;"
             f" kv_heads that would work: {[x for x in range(1, h + 1) if h % x == 0]}")
-    if _dtype(k) != _dtype(v):
-        raise ValueError(f"k and v must share a dtype; got {_dtype(k)} and {_dtype(v)}")
     if window is not None:
         if not causal:
             raise ValueError(f"window={window} needs causal=True (a causal sliding window)")

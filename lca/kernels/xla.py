@@ -25,8 +25,6 @@ def xla_attention(q, k, v, *, causal=False, window=None, segment_ids=None,
         q, k, v, causal=causal, window=window, segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids, positions=positions, kv_positions=kv_positions,
         scale=scale)
-    if q.dtype != k.dtype:
-        raise ValueError(f"impl='xla' needs q and k/v of one dtype; got {q.dtype} and {k.dtype}")
     # XLA aligns its causal window differently when q_len != kv_len; our
     # positions say what the mask is, so any such case goes through them.
     dense = (segment_ids is not None or positions is not None or kv_positions is not None
