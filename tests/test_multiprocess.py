@@ -33,18 +33,24 @@ def _launch(*cmd, n=2, timeout=240, **kwargs):
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    """(workdir, launcher output) of the smoke config trained by 2 processes x 4 devices."""
+    """(workdir, launcher output) of the smoke config trained by 2 processes x 4 devices,
+    started as the README says: `python tools/launch_local.py -n 2 -- python
+    experiments/train.py ...` in the environment it enters (.venv/bin on PATH)."""
     workdir = str(tmp_path_factory.mktemp("multiprocess"))
-    out = _launch(sys.executable, "experiments/train.py", "--config", SMOKE, "--workdir", workdir,
-                  "--config.train.log_every=1", "--noprogress",
-                  args=("--devices_per_process", "4"))
+    env = dict(os.environ,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    out = subprocess.run(["python", "tools/launch_local.py", "-n", "2", "--", "python",
+                          "experiments/train.py", "--config", SMOKE, "--workdir", workdir,
+                          "--config.train.log_every=1", "--noprogress"],
+                         capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     return workdir, out.stdout
 
 
 def test_two_processes_train_like_one_process_with_8_devices(two_process_run):
     workdir, log = two_process_run
-    assert "[p0] finished at step 8" in log and "[p1] finished at step 8" in log, log
+    assert "[p0] finished at step 8" in log, log
+    assert "[p1] finished" not in log and "[p1]   metrics:" not in log  # process 0's files
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     # Only process 0 writes metrics: one record per step, not two.

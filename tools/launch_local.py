@@ -3,7 +3,9 @@
     python tools/launch_local.py -n 2 -- python experiments/train.py \
         --config configs/passkey.py:smoke --workdir /tmp/lca_mp
 
-starts `python experiments/train.py ...` twice, with JAX_COORDINATOR_ADDRESS=
+starts `python experiments/train.py ...` twice (a leading `python` or
+`python3` is this launcher's own interpreter, so the processes run in the
+environment it runs in), with JAX_COORDINATOR_ADDRESS=
 127.0.0.1:PORT, JAX_NUM_PROCESSES=2 and JAX_PROCESS_ID=0 or 1 (read by
 `lca.parallel.distributed.initialize`), and JAX_PLATFORMS=cpu. Each process
 asks for the config's `cpu_devices` divided by the process count, unless
@@ -60,6 +62,8 @@ def launch(cmd: list[str], num_processes: int, *, port: int | None = None,
         raise ValueError(f"-n must be >= 1; got {num_processes}")
     if not cmd:
         raise ValueError("no command given; put it after `--`")
+    if cmd[0] in ("python", "python3"):
+        cmd = [sys.executable, *cmd[1:]]
     port = port or free_port()
     lock = threading.Lock()
     procs, threads = [], []
