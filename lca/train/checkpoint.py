@@ -20,6 +20,7 @@ that restores.
 from __future__ import annotations
 
 import dataclasses
+import logging as pylogging
 import os
 import shutil
 
@@ -38,6 +39,16 @@ def checkpoint_dir(workdir: str) -> str:
 
 UNUSABLE_DIR = "checkpoints_unusable"
 TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class _QuietReadOnly(pylogging.Filter):
+    """Orbax warns 'Given directory is read only' on every read-only manager: a load, not news."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+pylogging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def manager(workdir: str, exp: Experiment | None = None, *, read_only=False):

@@ -36,7 +36,9 @@ def plot_run(workdir: str, path: str | None = None) -> str:
                    if k.startswith("eval/accuracy_depth/"))
     if depth:
         width = depth[1][0] - depth[0][0] if len(depth) > 1 else 0.1
-        ax1.bar([d + width / 2 for d, _ in depth], [v for _, v in depth], width=width * 0.9)
+        bars = ax1.bar([d + width / 2 for d, _ in depth], [v for _, v in depth],
+                       width=width * 0.9, edgecolor="black")  # a zero bar still shows
+        ax1.bar_label(bars, labels=[f"{v:.0%}" for _, v in depth], fontsize=7)
         ax1.set(xlabel="depth of the key in the context", ylabel="accuracy", ylim=(0, 1.02),
                 title=f"held-out accuracy by depth (step {last['step']},"
                       f" mean {last.get('eval/accuracy', float('nan')):.1%})")
