@@ -145,11 +145,15 @@ DRIVER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def driven(tmp_path_factory):
     """One subprocess: `train.py --dry_run`, then `train.py` with a SIGTERM at step 3, then
-    a resumed run SIGKILLed while Orbax writes step 8. Returns (workdir, returncode, stdout)."""
+    a resumed run SIGKILLed while Orbax writes step 8; its output goes to a file, as a
+    scheduler's log would. Returns (workdir, returncode, output)."""
     workdir = str(tmp_path_factory.mktemp("driven") / "run")
-    result = subprocess.run([sys.executable, "-c", DRIVER, REPO, workdir], capture_output=True,
-                            text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    return workdir, result.returncode, result.stdout + result.stderr
+    log = tmp_path_factory.mktemp("driven_log") / "log.txt"
+    with open(log, "w") as out:
+        result = subprocess.run([sys.executable, "-c", DRIVER, REPO, workdir], stdout=out,
+                                stderr=subprocess.STDOUT, text=True, timeout=600,
+                                env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return workdir, result.returncode, log.read_text()
 
 
 def test_dry_run_prints_config_mesh_and_memory_and_writes_nothing(driven):
