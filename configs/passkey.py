@@ -12,7 +12,13 @@ Expect: held-out `accuracy` (all 4 digits right) >= 0.9 at 1024 tokens at
 every depth, in about 5 minutes on a 2-core machine.
 
 Variants: `:smoke` (seconds, for tests); any kernel of `lca.kernels.registry`
-(`:blockwise`, `:xla`, `:allgather`, ...: same model, another kernel).
+(`:blockwise`, `:xla`, `:allgather`, `:ulysses`, `:usp`, ...: same model, another
+kernel, the mesh fitted to it: `:usp` runs on (data=2, ulysses=2, sequence=2),
+all-to-all over `ulysses` and the ring over `sequence`; `:ulysses` on
+(data=4, sequence=2), as the model's 2 heads split over at most 2 devices).
+`python experiments/train.py --config configs/passkey.py:smoke,usp --workdir
+/tmp/usp` trains the smoke model with USP; expect its loss to fall as the
+ring's does.
 """
 
 import ml_collections
@@ -21,8 +27,10 @@ from lca.train.config_files import set_kernel, unknown_variant
 
 PARAM_RULES = (("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
                ("kv_heads", "tensor"), ("mlp", "tensor"))
-ACTIVATION_RULES = (("batch", ("data", "fsdp")), ("length", "sequence"), ("heads", "tensor"),
-                    ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+# length: the ring axis first, then the all-to-all axis a two-axis strategy (usp) also uses.
+ACTIVATION_RULES = (("batch", ("data", "fsdp")), ("length", ("sequence", "ulysses")),
+                    ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+                    ("vocab", "tensor"))
 
 
 def base_config():

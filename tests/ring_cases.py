@@ -25,6 +25,18 @@ def sub_mesh(n, axis="sequence"):
     return make_mesh({axis: n}, devices=jax.devices()[:n])
 
 
+def strategy_case(name):
+    """(mesh, options, heads, kv_heads) on which strategy `name` runs over 8 devices: a
+    two-axis one on (ulysses 2, sequence 4), one that splits heads with 8 heads."""
+    from lca.kernels import registry
+
+    entry = registry.get(name)
+    if entry.axes == 2:
+        return (make_mesh({"ulysses": 2, "sequence": 4}), {"axis": ("ulysses", "sequence")},
+                8, 2)
+    return sub_mesh(8), {}, (4 if entry.check is None else 8), 2
+
+
 def mask_kwargs(name, seed, batch, seq_len):
     """Self-attention masks; packed documents cross shard boundaries in every layout."""
     if name == "bidirectional":

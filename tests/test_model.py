@@ -18,8 +18,8 @@ from lca.models import LinearOptions, ModelConfig, Transformer, cross_entropy
 from lca.parallel.sharding import ShardingContext
 
 RTOL = 2e-5
-ACT_RULES = (("batch", ("data", "fsdp")), ("length", "sequence"), ("heads", "tensor"),
-             ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+ACT_RULES = (("batch", ("data", "fsdp")), ("length", ("sequence", "ulysses")),
+             ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
 
 TINY = ModelConfig(vocab_size=48, embed=32, layers=1, heads=4, kv_heads=2, head_dim=8, mlp=64,
                    attention=("xla",), block_q=8, block_k=8)
@@ -84,11 +84,19 @@ def test_blockwise_matches_xla_on_one_device(reference):
     _check(_run(TINY.replace(attention=("blockwise",)), _batch()), reference, "blockwise")
 
 
+@pytest.fixture(scope="module")
+def mesh_usp():
+    """(data 2, ulysses 2, sequence 2): all-to-all over ulysses, the ring over sequence."""
+    from lca.parallel import make_mesh
+    return make_mesh({"data": 2, "ulysses": 2, "sequence": 2})
+
+
 @pytest.mark.parametrize("kernel,layout,mesh_name", [
     ("xla", "contiguous", "mesh2x4"), ("blockwise", "zigzag", "mesh2x4"),
     ("ring", "contiguous", "mesh2x4"), ("ring", "striped", "mesh2x4"),
     ("ring", "zigzag", "mesh2x4"), ("ring", "zigzag", "mesh8"),
-    ("allgather", "striped", "mesh8")])
+    ("allgather", "striped", "mesh8"), ("ulysses", "zigzag", "mesh2x4"),
+    ("usp", "zigzag", "mesh_usp")])
 def test_every_kernel_layout_and_mesh_gives_the_same_model(kernel, layout, mesh_name, reference,
                                                            request):
     mesh = request.getfixturevalue(mesh_name)
@@ -151,7 +159,11 @@ HYBRID = TINY.replace(attention=("linear", "ring"), layers=2,
                       linear=LinearOptions(feature_map="hedgehog", normalize=True))
 
 
-def test_hybrid_linear_softmax_stack_matches_across_meshes(mesh2x4):
-    """A hedgehog linear layer (its own decay and feature-map weights) under a ring layer."""
-    _check(_run(HYBRID.replace(layout="zigzag"), _batch(), mesh2x4), _run(HYBRID, _batch()),
+def test_hybrid_linear_softmax_stack_matches_across_meshes(mesh2x4, mesh_usp):
+    """A hedgehog linear layer (its own decay and feature-map weights) under a ring layer;
+    and under usp, its state scan after an all-to-all over ulysses."""
+    single = _run(HYBRID, _batch())
+    _check(_run(HYBRID.replace(layout="zigzag"), _batch(), mesh2x4), single,
            "linear+ring/zigzag/2x4")
+    _check(_run(HYBRID.replace(attention=("linear", "usp"), layout="zigzag"), _batch(),
+                mesh_usp), single, "linear+usp/zigzag/2x2x2")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from ring_cases import HEADS, check_against_reference
+from ring_cases import check_against_reference, strategy_case
 from train_runs import experiment
 
 import lca
@@ -90,11 +90,12 @@ def test_an_unsupported_call_names_the_kernel_and_what_would_work(registered, su
 
 
 @pytest.mark.parametrize("impl", registry.names("strategy"))
-def test_a_registered_local_kernel_runs_under_every_strategy(registered, mesh8, impl):
+def test_a_registered_local_kernel_runs_under_every_strategy(registered, impl):
     kernel, calls = _wrapper("mine")
     registered(kernel)
-    check_against_reference(mesh8, "zigzag", "causal_segments", HEADS["gqa"], impl=impl,
-                            local="mine", fast_compile=True)
+    mesh, options, heads, kv_heads = strategy_case(impl)
+    check_against_reference(mesh, "zigzag", "causal_segments", kv_heads, impl=impl,
+                            local="mine", heads=heads, fast_compile=True, **options)
     assert calls
 
 

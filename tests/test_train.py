@@ -22,6 +22,17 @@ def test_smoke_training_loss_goes_down():
     assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.5, losses
 
 
+def test_the_smoke_model_trains_with_usp_as_with_the_ring(tmp_path):
+    """configs/passkey.py:smoke,usp: all-to-all over ulysses=2, the ring over sequence=2."""
+    exp = experiment("configs/passkey.py:smoke,usp")
+    assert exp.model.attention == ("usp",)
+    assert dict(exp.mesh) == {"data": 2, "sequence": 2, "ulysses": 2}
+    losses = train(exp, str(tmp_path), progress=False, log=lambda *_: None).losses
+    _, ring = smoke_run()
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.5, losses  # the ring's bar
+    np.testing.assert_allclose(losses, ring.losses, rtol=1e-5)  # the same model, exactly
+
+
 def test_run_writes_checkpoints_metrics_tensorboard_and_figure():
     workdir, result = smoke_run()
     assert sorted(os.listdir(checkpoint_dir(workdir))) == ["4", "8"]

@@ -145,10 +145,10 @@ def default_tiles(kernel: LocalKernel, groups: int, layout: str | None = None,
 
 
 def config(kernel: LocalKernel, q, k, *, causal, window, segments, scale, block_q=None,
-           block_k=None, kv_len=None, sharded=False) -> LocalConfig:
+           block_k=None, q_len=None, kv_len=None, sharded=False) -> LocalConfig:
     """A LocalConfig for this call: defaults resolved, tiles no longer than the lengths
-    (kv_len: the key length the kernel will see, default k's; more for a gather;
-    sharded: a strategy's call, see `default_tiles`)."""
+    (q_len, kv_len: the lengths the kernel will see, default q's and k's; more after a
+    gather; sharded: a strategy's call, see `default_tiles`)."""
     default = default_tiles(kernel, q.shape[2] // k.shape[2], sharded=sharded)
     bq = default if block_q is None else block_q
     bk = default if block_k is None else block_k
@@ -158,7 +158,7 @@ def config(kernel: LocalKernel, q, k, *, causal, window, segments, scale, block_
     return LocalConfig(
         spec=MaskSpec(bool(causal), None if window is None else int(window), bool(segments)),
         scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
-        block_q=min(int(bq), q.shape[1]) if bq else 0,
+        block_q=min(int(bq), q_len or q.shape[1]) if bq else 0,
         block_k=min(int(bk), kv_len or k.shape[1]) if bk else 0)
 
 

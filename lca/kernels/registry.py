@@ -29,7 +29,7 @@ import dataclasses
 from typing import Callable
 
 from lca.layouts import LAYOUTS
-from lca.kernels import allgather, blockwise, linear_parallel, reference, ring, xla
+from lca.kernels import allgather, blockwise, linear_parallel, reference, ring, ulysses, xla
 from lca.kernels.local import LocalKernel
 from lca.kernels.masks import MaskSpec
 
@@ -43,11 +43,17 @@ class Strategy:
 
     shard_fn(q, k, v, *, axis_name, local, causal, window, segment_ids,
     positions, scale, block_q, block_k, **layout_options) runs inside
-    `jax.shard_map` on one shard in layout order (see `ring.ring_attention`).
-    layout_options(layout, causal, window, shard_len, n) -> extra keyword
-    arguments for a layout (the ring's fewer steps for a contiguous window).
+    `jax.shard_map` on one shard in layout order (see `ring.ring_attention`);
+    axis_name is one mesh axis, or with `axes=2` a pair (all-to-all axis, ring
+    axis), the sequence sharded over both, ring-major.
+    layout_options(layout, causal, window, shard_len, n, stripe) -> extra
+    keyword arguments for a layout (the ring's fewer steps for a contiguous
+    window), n and shard_len those of the layout's (ring) axis.
+    check(q_shape, k_shape, axes) raises a ValueError for shapes the strategy
+    cannot split over its axes ((name, size) pairs), before anything is traced.
     communication: its pattern, as `tools/cost_model.py` models it ("ring":
-    K/V hop around a ring; "allgather": K/V gathered, dK/dV reduce-scattered).
+    K/V hop around a ring; "allgather": K/V gathered, dK/dV reduce-scattered;
+    "alltoall": heads for sequence and back; "alltoall+ring").
     bench_layouts: the layouts the benchmark suite measures it in.
     baseline: the mesh baseline of the benchmark suite.
     """
@@ -59,6 +65,8 @@ class Strategy:
     layouts: tuple[str, ...] = LAYOUTS
     bench_layouts: tuple[str, ...] = LAYOUTS
     layout_options: Callable | None = None
+    check: Callable | None = None
+    axes: int = 1
     baseline: bool = False
 
     kind = "strategy"
@@ -154,6 +162,13 @@ for _entry in (
         Strategy("allgather", allgather.allgather_attention, bench_layouts=("zigzag",),
                  communication="allgather", baseline=True,
                  doc="one all-gather of K/V, then the local kernel"),
+        Strategy("ulysses", ulysses.ulysses_attention, layout_options=ulysses.layout_options,
+                 check=ulysses.check_shapes, communication="alltoall", bench_layouts=("zigzag",),
+                 doc="all-to-all: the whole sequence of H/n heads on each device"),
+        Strategy("usp", ulysses.usp_attention, layout_options=ring.layout_options,
+                 check=ulysses.check_shapes, communication="alltoall+ring", axes=2,
+                 bench_layouts=("zigzag",),
+                 doc="all-to-all over the first axis, the ring over the second"),
         LinearFamily("linear", doc="chunked causal linear attention; states cross shards",
                      layouts=linear_parallel.LAYOUTS, algorithms=linear_parallel.ALGORITHMS,
                      default_algorithm="allgather")):

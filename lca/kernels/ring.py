@@ -196,7 +196,7 @@ def window_steps(window, shard_len, num_shards):
     return min(num_shards, 1 + -(-(window - 1) // shard_len))
 
 
-def layout_options(layout, causal, window, shard_len, num_shards):
+def layout_options(layout, causal, window, shard_len, num_shards, stripe=1):
     """Options `attention_in_layout` passes for a layout: fewer steps for a contiguous window."""
     if layout == "contiguous" and causal and window is not None:
         return {"max_steps": window_steps(window, shard_len, num_shards)}

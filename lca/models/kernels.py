@@ -7,8 +7,9 @@ has one adapter here, so a kernel registered there is usable by the model
 with nothing added here:
 
   local     the kernel on the tokens this program holds (`lca.attention`);
-  strategy  the strategy over the mesh's sequence axis, running the local
-            kernel `config.model.local` on each shard
+  strategy  the strategy over the mesh's sequence axis (or, for a two-axis
+            strategy, the all-to-all and ring axes the rules shard `length`
+            over), running the local kernel `config.model.local` on each shard
             (`lca.parallel.sequence.attention_in_layout`); with one sequence
             shard, that local kernel alone;
   linear    causal linear attention; its adapter owns the layer's kernel
@@ -73,7 +74,7 @@ def _one_device(impl, q, k, v, call, positions, segment_ids):
 
 
 def _sharded(ctx: ShardingContext | None) -> bool:
-    return ctx is not None and ctx.sequence_shards > 1
+    return ctx is not None and ctx.total_sequence_shards > 1
 
 
 class LocalAdapter:
@@ -95,8 +96,9 @@ class StrategyAdapter:
     def __call__(self, q, k, v, call, ctx, positions, segment_ids, params):
         if not _sharded(ctx):
             return _one_device(call.local, q, k, v, call, positions, segment_ids)
+        axis = ctx.strategy_axis(call.name, registry.get(call.name).axes)
         return attention_in_layout(
-            q, k, v, mesh=ctx.mesh, axis=ctx.sequence_axis, impl=call.name, local=call.local,
+            q, k, v, mesh=ctx.mesh, axis=axis, impl=call.name, local=call.local,
             layout=call.layout, causal=True, window=call.spec.window, positions=positions,
             segment_ids=segment_ids, rules=ctx.activation_rules, **call.tiles())
 
@@ -159,8 +161,9 @@ class LinearAdapter:
                        chunk_size=lin.chunk_size)
         if not _sharded(ctx):
             return linear_attention(q, k, v, **options)
+        axis = ctx.strategy_axis(call.name, 0)  # one axis, or two as under usp
         return attention_in_layout(
-            q, k, v, mesh=ctx.mesh, axis=ctx.sequence_axis, impl=call.name, layout=call.layout,
+            q, k, v, mesh=ctx.mesh, axis=axis, impl=call.name, layout=call.layout,
             causal=True, positions=positions, rules=ctx.activation_rules, **options)
 
 

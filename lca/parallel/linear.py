@@ -3,16 +3,24 @@
 `lca.sequence_parallel_attention(..., impl="linear")` permutes tokens into the
 layout, calls `attention_in_layout_linear` and permutes back; a model that
 keeps its activations in layout order calls this directly.
+
+With the sequence sharded over two axes, axis=(all-to-all axis, ring axis)
+as for `usp`, each device first gathers its ring shard's tokens for H / n
+heads by one all-to-all over the first (`lca.kernels.ulysses`), the states
+then cross the ring axis as over one axis, and one all-to-all gives the
+output back.
 """
 
 from __future__ import annotations
 
 import jax
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from lca.kernels import linear as linear_lib
+from lca.kernels import ulysses
 from lca.kernels.linear_parallel import ALGORITHMS, LAYOUTS, linear_attention_shard
-from lca.parallel.sequence import specs
+from lca.parallel.sequence import check_length, sequence_axes, specs
 
 
 def _check(q, k, v, *, mesh, axis, layout, algorithm, log_decay, normalize, chunk_size,
@@ -29,13 +37,16 @@ def _check(q, k, v, *, mesh, axis, layout, algorithm, log_decay, normalize, chun
                          f" got {layout!r}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}; got {algorithm!r}")
-    if axis not in mesh.axis_names:
+    if isinstance(axis, str) and axis not in mesh.axis_names:
         raise ValueError(f"axis {axis!r} is not a mesh axis; the mesh has {mesh.axis_names}")
-    n = mesh.shape[axis]
+    _, n, total = sequence_axes(mesh, axis)
     pieces = 2 * n if layout == "zigzag" else n
     if t % pieces:
         raise ValueError(f"seq length {t} must divide into {pieces} equal pieces for"
                          f" layout={layout!r} on {n} shards of axis {axis!r}")
+    check_length(t, layout, n, total)
+    if not isinstance(axis, str):
+        ulysses.check_heads(q.shape[2], k.shape[2], mesh.shape[axis[0]], f"axis {axis[0]!r}")
     if algorithm == "doubling" and n & (n - 1):
         raise ValueError(f"algorithm='doubling' needs a power-of-two size of axis {axis!r};"
                          f" got {n}. Use 'allgather' or 'ring'.")
@@ -73,7 +84,8 @@ def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contig
     _check(q, k, v, mesh=mesh, axis=axis, layout=layout, algorithm=algorithm,
            log_decay=log_decay, normalize=normalize, chunk_size=chunk_size,
            options=dict(options))
-    q_spec, k_spec, _ = specs(mesh, axis, rules, q.shape, k.shape)
+    seq_spec, _, _ = sequence_axes(mesh, axis)
+    q_spec, k_spec, _ = specs(mesh, seq_spec, rules, q.shape, k.shape)
     out_spec = P(*q_spec[:3], None)
     if log_decay is None:
         decay_spec = None
@@ -83,9 +95,26 @@ def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contig
         decay_spec = P(*q_spec[:3])
 
     def shard(q, k, v, log_decay):
-        return linear_attention_shard(q, k, v, axis_name=axis, algorithm=algorithm,
-                                      layout=layout, log_decay=log_decay,
-                                      normalize=normalize, chunk_size=chunk_size)
+        ring, a2a = (axis, None) if isinstance(axis, str) else (axis[1], axis[0])
+        if a2a is not None:  # every token of the ring shard, for this device's heads
+            q, k, v = (ulysses.gather_tokens(q, a2a), ulysses.gather_kv_tokens(k, a2a),
+                       ulysses.gather_kv_tokens(v, a2a))
+            log_decay = _decay_heads(log_decay, a2a)
+        out = linear_attention_shard(q, k, v, axis_name=ring, algorithm=algorithm,
+                                     layout=layout, log_decay=log_decay, normalize=normalize,
+                                     chunk_size=chunk_size)
+        return out if a2a is None else ulysses.scatter_tokens(out, a2a)
 
     return jax.shard_map(shard, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, decay_spec),
                          out_specs=out_spec)(q, k, v, log_decay)
+
+
+def _decay_heads(log_decay, axis_name):
+    """This device's heads of a [H] decay, or its ring shard's tokens of a [B, T, H] one."""
+    if log_decay is None:
+        return None
+    if log_decay.ndim == 3:
+        return ulysses.gather_tokens(log_decay[..., None], axis_name)[..., 0]
+    per_device = log_decay.shape[0] // lax.axis_size(axis_name)
+    return lax.dynamic_slice_in_dim(log_decay, lax.axis_index(axis_name) * per_device,
+                                    per_device)

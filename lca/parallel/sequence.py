@@ -41,25 +41,60 @@ def _strategy(mesh, axis, impl, layout):
     """The registry entry `impl` names (a strategy or the linear family), checked."""
     entry = registry.get(impl, ("strategy", "linear"), "sequence-parallel impl")
     layouts.check_layout_name(layout)
-    if axis not in mesh.axis_names:
-        raise ValueError(
-            f"axis={axis!r} is not an axis of the mesh; its axes are {list(mesh.axis_names)}")
+    sequence_axes(mesh, axis, entry)
     return entry
+
+
+def sequence_axes(mesh, axis, entry=None):
+    """(the sequence's spec axes, ring-major; the layout's shards n; all the shards).
+
+    `axis` is one mesh axis, or (all-to-all axis, ring axis) for a strategy
+    that takes two (`Strategy.axes`; the linear family takes either): the
+    sequence is then sharded over both, the ring axis major, and the layout is
+    over the ring axis.
+    """
+    names = (axis,) if isinstance(axis, str) else tuple(axis)
+    want = getattr(entry, "axes", None)
+    if not 1 <= len(names) <= 2 or len(set(names)) != len(names):
+        raise ValueError(f"axis must be one mesh axis or two different ones (all-to-all axis,"
+                         f" ring axis); got {axis!r}")
+    for name in names:
+        if name not in mesh.axis_names:
+            raise ValueError(f"axis={name!r} is not an axis of the mesh; its axes are"
+                             f" {list(mesh.axis_names)}")
+    if want is not None and len(names) != want:
+        form = "one mesh axis" if want == 1 else "axis=(all-to-all axis, ring axis)"
+        raise ValueError(f"impl={entry.name!r} takes {form}; got axis={axis!r}")
+    spec = names[0] if len(names) == 1 else names[::-1]
+    n = mesh.shape[names[-1]]
+    return spec, n, int(np.prod([mesh.shape[a] for a in names]))
+
+
+def check_length(seq_len, layout, n, total, stripe=1):
+    """The layout over n shards fits, and every one of the `total` devices gets as much."""
+    layouts.check_layout(seq_len, layout, n, stripe)
+    m = int(np.lcm(layouts.multiple(layout, n, stripe), total))
+    if seq_len % m:
+        near = [x for x in ((seq_len // m) * m, (seq_len // m + 1) * m) if x]
+        raise ValueError(f"sequence length {seq_len} does not split over the {total} devices of"
+                         f" the sequence axes with layout={layout!r} over {n}: it must be a"
+                         f" multiple of {m}; nearest valid lengths: {near}")
 
 
 def specs(mesh, axis, rules, q_shape, k_shape):
     """(q spec, k/v spec, [B, T] spec) of the kernel's `shard_map`, from the rules.
 
     The same specs `lca.parallel.sharding.constrain` gives the activations,
-    with the sequence on `axis`. Query and kv heads must split over the same
-    mesh axes (a shard's query heads need their own kv heads).
+    with the sequence on `axis` (a mesh axis or a ring-major pair of them).
+    Query and kv heads must split over the same mesh axes (a shard's query
+    heads need their own kv heads).
     """
     rules = DEFAULT_ACTIVATION_RULES if rules is None else rules
     q_spec = activation_spec(TOKENS, rules, mesh, q_shape, axis)
     k_spec = activation_spec(KV_TOKENS, rules, mesh, k_shape, axis)
     if q_spec[1] != axis:
         raise ValueError(f"the rules do not shard the sequence of {q_shape[1]} tokens over"
-                         f" mesh axis {axis!r}")
+                         f" mesh axes {axis!r}")
     if q_spec[2] != k_spec[2]:
         split = [q_spec[2]] if isinstance(q_spec[2], str) else list(q_spec[2] or ())
         size = int(np.prod([mesh.shape[a] for a in split]))
@@ -68,6 +103,13 @@ def specs(mesh, axis, rules, q_shape, k_shape):
                          f" size {size} that split the {q_shape[2]} query heads; nearest valid"
                          f" kv_heads: {near}")
     return q_spec, k_spec, P(q_spec[0], axis)
+
+
+def _device_shape(shape, spec, mesh):
+    """[B, T, H, D] with the heads one device holds under `spec` (B and T as given)."""
+    split = spec[2] if len(spec) > 2 else None
+    names = [split] if isinstance(split, str) else list(split or ())
+    return shape[:2] + (shape[2] // int(np.prod([mesh.shape[a] for a in names])),) + shape[3:]
 
 
 def _check_softmax(q, k, v, mesh, axis, impl, layout, local, causal, window, positions,
@@ -87,8 +129,9 @@ def _check_softmax(q, k, v, mesh, axis, impl, layout, local, causal, window, pos
     for name in ("block_q", "block_k"):
         if name in options:
             check_block(name, options[name])
-    n = mesh.shape[axis]
-    layouts.check_layout(seq_len, layout, n, options.get("stripe", 1))
+    entry = registry.get(impl)
+    _, n, total = sequence_axes(mesh, axis, entry)
+    check_length(seq_len, layout, n, total, options.get("stripe", 1))
     shard = lambda x: jax.ShapeDtypeStruct((x.shape[0], seq_len // n) + x.shape[2:], x.dtype)
     kernel = registry.local_kernel(local, q=shard(q), k=shard(k), spec=MaskSpec(
         bool(causal), window, segment_ids is not None), strategy=impl)
@@ -117,10 +160,13 @@ def attention_in_layout(q, k, v, *, mesh, axis="sequence", impl=registry.DEFAULT
     Args:
       q: [B, T, H, D] float32 or bfloat16, in `layout` order (sharded or not).
       k, v: [B, T, K, D], H % K == 0, in the same order.
-      mesh: a `jax.sharding.Mesh`; `axis` names the sequence axis (n devices).
+      mesh: a `jax.sharding.Mesh`; `axis` names the sequence axis (n devices),
+        or for "usp" a pair (all-to-all axis, ring axis): the sequence sharded
+        over both, ring-major, the layout over the ring axis.
       impl: a strategy of `lca.kernels.registry`: "ring" (K/V walk the
-        ring), "allgather" (gather K/V, then the local kernel), ...; or
-        "linear" (delegated to `lca.parallel.linear`).
+        ring), "allgather" (gather K/V, then the local kernel), "ulysses"
+        (all-to-all: every token of H / n heads), "usp" (all-to-all, then the
+        ring), ...; or "linear" (delegated to `lca.parallel.linear`).
       local: the local kernel each shard runs (a registry name; default
         `registry.DEFAULT_LOCAL`, "blockwise"); "reference" runs densely.
       layout: "contiguous", "striped" or "zigzag": which tokens each shard
@@ -152,26 +198,33 @@ def attention_in_layout(q, k, v, *, mesh, axis="sequence", impl=registry.DEFAULT
                                 segment_ids, scale, rules, options)
     kernel = _check_softmax(q, k, v, mesh, axis, impl, layout, local, causal, window,
                             positions, segment_ids, scale, options)
-    q_spec, k_spec, ids_spec = specs(mesh, axis, rules, q.shape, k.shape)
-    n = mesh.shape[axis]
+    seq_spec, n, _ = sequence_axes(mesh, axis, entry)
+    q_spec, k_spec, ids_spec = specs(mesh, seq_spec, rules, q.shape, k.shape)
+    if entry.check is not None:  # on the heads one device holds, after the rules split them
+        names = (axis,) if isinstance(axis, str) else tuple(axis)
+        entry.check(_device_shape(q.shape, q_spec, mesh), _device_shape(k.shape, k_spec, mesh),
+                    tuple((a, mesh.shape[a]) for a in names))
     seq_len, shard_len = q.shape[1], q.shape[1] // n
     stripe = options.get("stripe", 1)
     block = local_lib.default_tiles(kernel, q.shape[2] // k.shape[2], layout, shard_len)
     shard_options = {"block_q": options.get("block_q", block or None),
                      "block_k": options.get("block_k", block or None)}  # 0: takes no tiles
     if entry.layout_options is not None:
-        shard_options.update(entry.layout_options(layout, causal, window, shard_len, n))
+        shard_options.update(entry.layout_options(layout, causal, window, shard_len, n,
+                                                  stripe=stripe))
     if positions is None:
         positions = layouts.positions(seq_len, layout, n, stripe)
     positions = jnp.asarray(positions, jnp.int32)
     args = [q, k, v, positions]
-    in_specs = [q_spec, k_spec, k_spec, P(axis) if positions.ndim == 1 else ids_spec]
+    in_specs = [q_spec, k_spec, k_spec, P(seq_spec) if positions.ndim == 1 else ids_spec]
     if segment_ids is not None:
         args.append(segment_ids)
         in_specs.append(ids_spec)
 
+    names = axis if isinstance(axis, str) else tuple(axis)
+
     def per_shard(q, k, v, pos, seg=None):
-        return entry.shard_fn(q, k, v, axis_name=axis, local=kernel, causal=causal,
+        return entry.shard_fn(q, k, v, axis_name=names, local=kernel, causal=causal,
                               window=window, segment_ids=seg, positions=pos, scale=scale,
                               **shard_options)
 
@@ -195,7 +248,7 @@ def sequence_parallel_attention(q, k, v, *, mesh, axis="sequence", impl=registry
     if entry.kind != "linear":
         _check_softmax(q, k, v, mesh, axis, impl, layout, local, causal, window, None,
                        segment_ids, scale, options)
-    n = mesh.shape[axis]
+    _, n, _ = sequence_axes(mesh, axis, entry)
     stripe = options.get("stripe", 1)
     permute = lambda x: layouts.permute(x, layout, n, axis=1, stripe=stripe)
     if segment_ids is not None and np.ndim(segment_ids) == 2:

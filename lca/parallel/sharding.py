@@ -20,7 +20,9 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+# `sequence` is the ring (the layout's axis); `ulysses` the all-to-all axis a two-axis
+# strategy (usp) shards the sequence over too, ring-major: ("length", ("sequence", "ulysses")).
+MESH_AXES = ("data", "fsdp", "sequence", "ulysses", "tensor")
 
 Rules = tuple  # ((logical, physical | tuple[physical, ...] | None), ...)
 
@@ -57,7 +59,10 @@ def spec_for(logical: Sequence[str | None], rules: Rules, mesh: Mesh | None,
     are dropped. With `shape`, an axis that does not divide its dimension is
     dropped too (used for activations such as a batch of one).
     """
-    table = dict(check_rules("rules", rules))
+    return _spec(logical, dict(check_rules("rules", rules)), mesh, shape)
+
+
+def _spec(logical, table, mesh, shape):
     present = dict(mesh.shape) if mesh is not None else {}
     used, parts = set(), []
     for i, name in enumerate(logical):
@@ -76,7 +81,12 @@ def spec_for(logical: Sequence[str | None], rules: Rules, mesh: Mesh | None,
 
 @dataclasses.dataclass(frozen=True)
 class ShardingContext:
-    """What a model needs to place its activations: a mesh (or None) and the rules."""
+    """What a model needs to place its activations: a mesh (or None) and the rules.
+
+    `sequence_axis` is the ring axis, the one the token layout is over; the
+    activation rules may shard `length` over a second axis after it (the
+    all-to-all axis of a two-axis strategy): `sequence_axes`.
+    """
 
     mesh: Mesh | None = None
     activation_rules: Rules = ()
@@ -84,19 +94,50 @@ class ShardingContext:
 
     @property
     def sequence_shards(self) -> int:
+        """Shards of the layout (the ring axis)."""
         if self.mesh is None:
             return 1
         return dict(self.mesh.shape).get(self.sequence_axis, 1)
+
+    @property
+    def sequence_axes(self) -> tuple[str, ...]:
+        """The mesh axes `length` is sharded over, ring first (those of size > 1)."""
+        if self.mesh is None:
+            return ()
+        shape = dict(self.mesh.shape)
+        rule = dict(check_rules("rules", self.activation_rules)).get("length", ())
+        axes = [self.sequence_axis] + [a for a in rule if a != self.sequence_axis]
+        return tuple(a for a in axes if shape.get(a, 1) > 1)
+
+    @property
+    def total_sequence_shards(self) -> int:
+        return math.prod(dict(self.mesh.shape)[a] for a in self.sequence_axes) if self.mesh \
+            else 1
+
+    def strategy_axis(self, name: str, axes: int):
+        """The `axis` argument for a strategy that takes `axes` mesh axes (1, 2, or 0 for
+        either): the ring axis, or (all-to-all axis, ring axis)."""
+        found = self.sequence_axes
+        if axes == 2 and len(found) != 2 or axes == 1 and len(found) > 1:
+            want = ("the sequence over two mesh axes: config.mesh.ulysses and sequence > 1,"
+                    " with the activation rule length -> (sequence, ulysses)" if axes == 2
+                    else "the sequence over one mesh axis")
+            raise ValueError(f"attention kernel {name!r} takes {want}; this mesh and the rules"
+                             f" shard it over {found or 'no axis'}")
+        return found[0] if len(found) < 2 else (found[1], found[0])
 
 
 def activation_spec(logical: Sequence[str | None], rules: Rules, mesh: Mesh, shape,
                     sequence_axis: str | None = None) -> PartitionSpec:
     """The PartitionSpec of an activation: what `constrain` applies and what a
     kernel's `shard_map` takes, from the same rules. `sequence_axis` (when
-    given) is the mesh axis `length` maps to, whatever the rules say."""
+    given) is the mesh axis, or ring-major tuple of axes, `length` maps to, whatever
+    the rules say (any axis name of the mesh)."""
+    table = dict(check_rules("rules", rules))
     if sequence_axis is not None:
-        rules = tuple((n, p) for n, p in rules if n != "length") + (("length", sequence_axis),)
-    return spec_for(logical, rules, mesh, shape)
+        table["length"] = (sequence_axis,) if isinstance(sequence_axis, str) else tuple(
+            sequence_axis)
+    return _spec(logical, table, mesh, shape)
 
 
 def constrain(x, logical: Sequence[str | None], ctx: ShardingContext | None):

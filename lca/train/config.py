@@ -19,6 +19,7 @@ from lca.kernels import registry
 from lca.kernels.masks import MaskSpec
 from lca.models.config import FEATURE_MAPS, LinearOptions, ModelConfig
 from lca.parallel.mesh import resolve_sizes
+from lca.parallel.sequence import check_length
 from lca.parallel.sharding import MESH_AXES, check_rules
 
 TASKS = ("passkey", "recall", "text")
@@ -199,9 +200,13 @@ def validate(exp: Experiment, num_devices: int | None = None) -> None:
             raise ValueError(f"{name} ({batch}) must be a multiple of the batch mesh axes"
                              f" ({batch_axes} devices: {_axes_of(exp.activation_rules, 'batch')})")
     shards = sizes.get("sequence", 1)
+    seq_axes = [a for a in dict.fromkeys(("sequence",) + _axes_of(exp.activation_rules,
+                                                                 "length"))
+                if sizes.get(a, 1) > 1]
+    total = math.prod(sizes[a] for a in seq_axes)
     for length in (d.seq_len,) + exp.eval.lengths + tuple(n for n, _ in d.curriculum):
         try:
-            layouts.check_layout(length, m.layout, shards)
+            check_length(length, m.layout, shards, total)
         except ValueError as e:
             raise ValueError(
                 f"config.data.seq_len / curriculum / config.eval.lengths: {e}") from None
@@ -210,6 +215,33 @@ def validate(exp: Experiment, num_devices: int | None = None) -> None:
         if getattr(m, axis) % n:
             raise ValueError(f"config.model.{axis} ({getattr(m, axis)}) must be a multiple of"
                              f" the mesh axes it is sharded over ({n} devices)")
+    _check_strategy_axes(exp, sizes, seq_axes)
+
+
+def _check_strategy_axes(exp: Experiment, sizes: dict, seq_axes: list) -> None:
+    """Each strategy gets the sequence axes it takes, and its heads split over them."""
+    m = exp.model
+    tensor = math.prod(sizes.get(a, 1) for a in _axes_of(exp.activation_rules, "heads"))
+    for name in dict.fromkeys(m.attention):
+        entry = registry.get(name)
+        if entry.kind != "strategy" or not seq_axes:
+            continue
+        if entry.axes == 2 and len(seq_axes) != 2 or entry.axes == 1 and len(seq_axes) > 1:
+            want = ("two mesh axes (config.mesh.ulysses and config.mesh.sequence > 1, and the"
+                    " rule length -> ('sequence', 'ulysses'))" if entry.axes == 2
+                    else "one mesh axis")
+            raise ValueError(f"config.model.attention={name!r} shards the sequence over {want};"
+                             f" config.mesh {sizes} and config.sharding.activations shard it"
+                             f" over {seq_axes}")
+        if entry.check is not None:
+            axes = seq_axes if entry.axes == 1 else seq_axes[::-1]
+            try:
+                entry.check((1, 1, m.heads // tensor, m.head_dim),
+                            (1, 1, max(m.kv_heads // tensor, 1), m.head_dim),
+                            tuple((a, sizes[a]) for a in axes))
+            except ValueError as e:
+                raise ValueError(f"config.model.attention={name!r} on config.mesh {sizes}:"
+                                 f" {e}") from None
 
 
 def _check_kernels(exp: Experiment) -> None:

@@ -31,13 +31,43 @@ def load(spec: str):
 
 def set_kernel(c, variant: str) -> bool:
     """A variant naming a kernel of `lca.kernels.registry` (`:ring`, `:xla`, ...) sets
-    `c.model.attention` to it; returns whether the variant was one."""
+    `c.model.attention` to it and fits the mesh to it (`fit_mesh`); returns whether the
+    variant was one."""
     from lca.kernels import registry  # JAX only when a config asks
 
     if variant not in registry.names():
         return False
     c.model.attention = variant
+    fit_mesh(c, registry.get(variant))
     return True
+
+
+def fit_mesh(c, entry) -> None:
+    """Reshapes `c.mesh`, on the same devices, so a strategy can run: one that takes two
+    axes gets the sequence split into (ulysses 2, sequence / 2); one whose `check` refuses
+    the heads over the sequence axis gets the largest sequence size it takes, the rest of
+    the devices going to `data`."""
+    mesh = {axis: int(size) for axis, size in dict(c.mesh).items()}
+    seq = mesh.get("sequence", 1)
+    if getattr(entry, "axes", 1) == 2:
+        if "ulysses" not in mesh and seq % 2 == 0:
+            mesh = {a: s for a, s in mesh.items() if a != "sequence"}
+            mesh.update(ulysses=2, sequence=seq // 2)
+    elif getattr(entry, "check", None) is not None:
+        m = c.model
+        q, k = (1, 1, m.heads, m.head_dim), (1, 1, m.kv_heads, m.head_dim)
+
+        def fits(n):
+            try:
+                entry.check(q, k, (("sequence", n),))
+                return True
+            except ValueError:
+                return False
+
+        size = max(d for d in range(1, seq + 1) if seq % d == 0 and fits(d))
+        if size != seq:
+            mesh.update(data=mesh.get("data", 1) * (seq // size), sequence=size)
+    c.mesh = mesh
 
 
 def unknown_variant(config_file: str, variant: str, own: tuple[str, ...]):
