@@ -21,10 +21,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lca
 from lca.kernels import registry
+from lca.parallel import make_mesh
 from lca.parallel.linear import attention_in_layout_linear
 from lca.parallel.sequence import attention_in_layout
 
@@ -51,6 +53,15 @@ class Kernel:
     layouts: tuple[str, ...] = ("-",)
     sharded: bool = False
     gqa: bool = True                 # measured with grouped-query heads too
+    accepts: Callable | None = None  # (heads, kv_heads, n) -> whether it runs there
+    place: Callable | None = None    # 1-D mesh -> (its mesh, the inputs' NamedSharding)
+    ring_share: int = 1              # the layout is over n / ring_share shards (the ring's)
+
+    def placed(self, mesh):
+        """(the mesh this kernel runs on, the sharding its sequence-sharded inputs take)."""
+        if self.place is not None:
+            return self.place(mesh)
+        return mesh, NamedSharding(mesh, P(None, AXIS))
 
 
 def log_decay(heads, dtype=np.float32):
@@ -67,12 +78,38 @@ def _one_device(name):
     return Kernel("softmax", make, name)
 
 
+A2A = 2  # a two-axis strategy's all-to-all degree on the benchmark mesh
+
+
+def _two_axes(mesh):
+    """(ulysses 2, sequence n / 2) on the 1-D mesh's devices, and the inputs' sharding on it:
+    the sequence over both axes, ring-major."""
+    two = make_mesh({"ulysses": A2A, "sequence": mesh.size // A2A}, devices=list(mesh.devices.flat))
+    return two, NamedSharding(two, P(None, (AXIS, "ulysses")))
+
+
 def _strategy(strategy, local):
     def make(mesh, layout, small):
         tiles = {"block_q": 16, "block_k": 16} if small else {}
-        return functools.partial(attention_in_layout, mesh=mesh, axis=AXIS, impl=strategy.name,
+        axis = AXIS
+        if strategy.axes == 2:
+            mesh, axis = _two_axes(mesh)[0], ("ulysses", AXIS)
+        return functools.partial(attention_in_layout, mesh=mesh, axis=axis, impl=strategy.name,
                                  local=local, layout=layout, causal=True, **tiles)
-    return Kernel("softmax", make, strategy.name, local, strategy.bench_layouts, sharded=True)
+
+    def accepts(heads, kv_heads, n):
+        if strategy.axes == 2 and (n % A2A or n == A2A):
+            return False
+        try:  # the same check attention_in_layout makes before tracing
+            axes = (("ulysses", A2A),) if strategy.axes == 2 else ((AXIS, n),)
+            strategy.check and strategy.check((1, 1, heads, 1), (1, 1, kv_heads, 1), axes)
+            return True
+        except ValueError:
+            return False
+
+    return Kernel("softmax", make, strategy.name, local, strategy.bench_layouts, sharded=True,
+                  accepts=accepts, place=_two_axes if strategy.axes == 2 else None,
+                  ring_share=A2A if strategy.axes == 2 else 1)
 
 
 def _linear(name, algorithm=None):

@@ -29,6 +29,7 @@ class Point:
     block: int | None = None          # tile length, where the run chose one
     batch: int = 1
     total_bytes: int | None = None    # compiled arguments + outputs + temporaries - aliased
+    sent_bytes: int | None = None     # a device's collectives per call (lca.bench.hlo)
     seconds: float | None = None      # median over the repeats (balance: critical path)
     seconds_min: float | None = None  # spread: fastest and slowest repeat
     seconds_max: float | None = None

@@ -24,7 +24,8 @@ the median and the min-max spread over the rounds, useful FLOPs, the fraction
 of the matmul peak (a 2048x2048 float32 matmul in a one-device process,
 fastest of ten, at the start and the end of the run; emulated mesh devices
 share the same cores, so on a mesh it is the fraction of the machine), and
-the ratio to its part's baseline. Beside it: the kernel's max relative error
+the ratio to its part's baseline; on a mesh, the bytes a device sends in the
+compiled program's collectives (`lca.bench.hlo`). Beside it: the kernel's max relative error
 against the float64 reference (`check`), so a fast wrong kernel cannot win:
 a row above `records.TOLERANCE` is marked WRONG.
 """
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 import lca
 from lca import layouts
 from lca.bench import kernels as bench_kernels
-from lca.bench import timing
+from lca.bench import hlo, timing
 from lca.bench.records import Point
 from lca.parallel import make_mesh
 
@@ -113,6 +114,8 @@ def specs(grid, parts, kernels):
             for label, kernel in table.items():
                 if kernel.sharded != (part == "mesh" or n > 1) or (h != kv and not kernel.gqa):
                     continue
+                if kernel.accepts is not None and not kernel.accepts(h, kv, n):
+                    continue
                 out += [Spec(part, label, lay, n, h, kv, t, mode) for lay in kernel.layouts]
     return out
 
@@ -175,12 +178,13 @@ def check(kernel, layout, n, heads, kv_heads, seq_len, head_dim):
     relative error against float64 of the output, and of the output and q/k/v gradients,
     on the same kernel and layout with tiles scaled to the short sequence."""
     arrays, ref = reference(kernel.kind, heads, kv_heads, seq_len, head_dim)
-    fn = kernel.make(mesh_of(n) if kernel.sharded else None, layout, True)
+    fn = kernel.make(kernel.placed(mesh_of(n))[0] if kernel.sharded else None, layout, True)
     if layout == "-":
         perm, unperm = jnp.asarray, np.asarray
     else:
-        perm = lambda x: jnp.asarray(layouts.permute(x, layout, n))
-        unperm = lambda x: layouts.unpermute(np.asarray(x), layout, n)
+        shards = n // kernel.ring_share  # the layout's (the ring's) shards
+        perm = lambda x: jnp.asarray(layouts.permute(x, layout, shards))
+        unperm = lambda x: layouts.unpermute(np.asarray(x), layout, shards)
     q, k, v, ct = (perm(x) for x in arrays)
     (_, out), grads = program(fn, "fwd+bwd")(q, k, v, ct)
     fwd = relative_error(unperm(out), ref[0])
@@ -189,6 +193,15 @@ def check(kernel, layout, n, heads, kv_heads, seq_len, head_dim):
 
 def _group_key(s):
     return (s.part, s.n, s.heads, s.kv_heads, s.seq_len, s.mode)
+
+
+def _sent_bytes(compiled):
+    """Bytes one device sends per call (`hlo.sent_bytes`); None where a loop's trip count is
+    not in the HLO."""
+    try:
+        return hlo.sent_bytes(compiled.as_text())
+    except ValueError:
+        return None
 
 
 def run(grid=DEFAULT, parts=PARTS, *, kernels=None, memory_budget=None, progress=True,
@@ -218,20 +231,24 @@ def run(grid=DEFAULT, parts=PARTS, *, kernels=None, memory_budget=None, progress
         timed, points = {}, {}
         for s in group:
             kernel = kernels[part][s.label]
-            sharding = NamedSharding(mesh, P(None, AXIS)) if kernel.sharded else None
+            kmesh, sharding = kernel.placed(mesh) if kernel.sharded else (None, None)
             args = [jax.device_put(x, sharding) if sharding else jnp.asarray(x) for x in arrays]
-            compiled = program(kernel.make(mesh if kernel.sharded else None, s.layout, False),
+            compiled = program(kernel.make(kmesh, s.layout, False),
                                mode).lower(*args).compile()
             memory = compiled.memory_analysis()
             fits = (memory.temp_size_in_bytes + memory.output_size_in_bytes) * s.n <= budget
-            check_key = (part, s.label, s.layout, heads, kv_heads)
+            check_n = 1 if not kernel.sharded else grid.mesh_devices if (
+                kernel.accepts is None or kernel.accepts(heads, kv_heads, grid.mesh_devices)
+            ) else s.n  # e.g. heads that split over this point's devices but not over all
+            check_key = (part, s.label, s.layout, heads, kv_heads, check_n)
             if check_key not in checks:
-                checks[check_key] = check(kernel, s.layout, grid.mesh_devices if kernel.sharded
-                                          else 1, heads, kv_heads, grid.check_len, grid.head_dim)
+                checks[check_key] = check(kernel, s.layout, check_n, heads, kv_heads,
+                                          grid.check_len, grid.head_dim)
             points[s] = Point(
                 part, kernel.impl, s.layout, s.n, heads, kv_heads, seq_len, mode,
                 point_flops(kernel, s, grid.head_dim), memory.temp_size_in_bytes, fits,
                 local=kernel.local, total_bytes=timing.total_bytes(memory),
+                sent_bytes=_sent_bytes(compiled) if kernel.sharded or s.n > 1 else None,
                 baseline=baselines.get(part) or "",
                 max_rel_error=checks[check_key][0 if mode == "fwd" else 1],
                 check_len=grid.check_len)

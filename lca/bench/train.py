@@ -145,13 +145,14 @@ def run(quick=False, *, config=CONFIG, seq_len=None, sequence=8, steps=3, budget
         log(f"  {kernel:>9s}: {seq_len * e.train.batch_size / median:10,.0f} tokens/s")
     if quick:
         return rows
-    mesh = make_mesh(dict(exp.mesh_sizes(len(jax.devices()))))
     budget = int(budget_gib * 2**30)
-    log(f"memory: longest context whose train step fits {budget_gib:g} GiB per device,"
-        f" mesh {dict(mesh.shape)}")
+    log(f"memory: longest context whose train step fits {budget_gib:g} GiB per device, on the"
+        f" config's mesh fitted to the kernel (its `:kernel` variant)")
     for kernel in memory_kernels():
-        e = with_kernel(exp, kernel, 1024, _batch_for(mesh))
-        log(f" {kernel} ({e.model.layout}):")
+        own = from_config(config_files.load(f"{config}:{kernel}"))
+        mesh = make_mesh(dict(own.mesh_sizes(len(jax.devices()))))
+        e = with_kernel(own, kernel, 1024, _batch_for(mesh))
+        log(f" {kernel} ({e.model.layout}, mesh {dict(mesh.shape)}):")
         length, (temp, total) = longest_context(e, mesh, budget, log=log)
         rows.append(Point("context", kernel, e.model.layout, dict(mesh.shape).get("sequence", 1),
                           m.heads, m.kv_heads, length, "train", None, temp, True, local=m.local,
