@@ -9,9 +9,10 @@ The HLO count of a compiled forward+backward is defined as:
          concrete positions, at every (ring step, rank) of the schedule the
          compiled K/V collective-permute implies. The loops' known trip counts
          must visit every tile of every step once.
-  bytes  collective results x the trip counts of the loops around them:
-         a collective-permute sends its result, a ring all-gather (n-1)/n of
-         its result, a ring reduce-scatter (n-1) times its result.
+  bytes  collective results x the trip counts of the loops around them
+         (`lca.bench.hlo`, which the benchmark suite records too): a
+         collective-permute sends its result, an all-gather or all-to-all over
+         g devices (g-1)/g of its result, a reduce-scatter (g-1) times it.
 Inputs are float32 (the CPU backend widens bf16 collectives when compiling).
 """
 
@@ -30,20 +31,22 @@ import dataclasses
 
 import lca
 from lca import layouts
+from lca.bench import hlo as hlo_lib
 from lca.bench.figures import load_module
 from lca.kernels import blockwise, registry, ring
 from lca.kernels import local as local_lib
 from lca.kernels import masks as masks_lib
-from lca.parallel import attention_in_layout
+from lca.parallel import attention_in_layout, make_mesh
 from lca.parallel.linear import attention_in_layout_linear
 
 cm = load_module("tools/cost_model.py")
 report = load_module("tools/cost_report.py")
-STRATEGIES = [n for n in registry.names("strategy") if n in cm.KERNELS]
+STRATEGIES = [n for n in registry.names("strategy") if cm.communication(n) in ("ring", "allgather")]
+ALL_TO_ALL = [n for n in registry.names("strategy") if cm.communication(n) in cm.ALL_TO_ALL]
+tiles = load_module("tools/cost_tiles.py")
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 1, 4, 2, 8
 SEQ_LEN, BLOCK = 256, 16  # zigzag chunks of 16 at n = 8: several tiles per shard everywhere
-SIZES = {"f32": 4, "s32": 4, "f64": 8, "bf16": 2, "pred": 1}
 
 # ----------------------------------------------------------------------------- the kernel's tiles
 
@@ -104,7 +107,16 @@ def test_tile_counts_with_padding_windows_and_default_tiles(layout, window, bloc
     assert (full == counts(schedule, *full.shape, masks_lib.FULL)).all()
 
 
-def _tiles_the_kernel_runs(strategy, layout, seq_len, heads, kv_heads, n):
+def a2a_mesh(a, r):
+    """(mesh, axis) of an all-to-all strategy: one axis of a devices, or USP's a x r."""
+    if r == 1:
+        return sub_mesh(a), "sequence"
+    return make_mesh({"ulysses": a, "sequence": r}, devices=jax.devices()[:a * r]), \
+        ("ulysses", "sequence")
+
+
+def _tiles_the_kernel_runs(strategy, layout, seq_len, heads, kv_heads, n, mesh=None,
+                           axis="sequence"):
     """(block_q, block_k) the strategy's local kernel is called with, recorded while tracing."""
     seen = []
 
@@ -115,7 +127,8 @@ def _tiles_the_kernel_runs(strategy, layout, seq_len, heads, kv_heads, n):
     recorder = dataclasses.replace(blockwise.KERNEL, name="recorder", forward=forward)
     q = jax.ShapeDtypeStruct((1, seq_len, heads, HEAD_DIM), jnp.float32)
     k = jax.ShapeDtypeStruct((1, seq_len, kv_heads, HEAD_DIM), jnp.float32)
-    jax.eval_shape(lambda q, k: attention_in_layout(q, k, k, mesh=sub_mesh(n), impl=strategy,
+    mesh = sub_mesh(n) if mesh is None else mesh
+    jax.eval_shape(lambda q, k: attention_in_layout(q, k, k, mesh=mesh, axis=axis, impl=strategy,
                                                     local=recorder, layout=layout, causal=True),
                    q, k)
     assert len(set(seen)) == 1
@@ -131,53 +144,25 @@ def test_default_tiles_are_the_ones_the_kernels_run(strategy, layout, heads, kv_
     assert p.blocks() == _tiles_the_kernel_runs(strategy, layout, seq_len, heads, kv_heads, 8)
 
 
+@pytest.mark.parametrize("layout", cm.LAYOUTS)
+@pytest.mark.parametrize("kv_heads", [8, 2])
+@pytest.mark.parametrize("seq_len", [1 << 15, 256])
+@pytest.mark.parametrize("strategy,a,r", [("ulysses", 8, 1), ("usp", 2, 4)])
+def test_default_tiles_under_an_all_to_all(strategy, a, r, layout, kv_heads, seq_len):
+    p = cm.Problem(strategy, layout, seq_len, 8, kv_heads, HEAD_DIM, a * r, a2a=a)
+    assert p.blocks() == _tiles_the_kernel_runs(strategy, layout, seq_len, 8, kv_heads, a * r,
+                                                *a2a_mesh(a, r))
+
+
 # ----------------------------------------------------------------------------- compiled HLO
-
-
-def _split_type(rest):
-    """'f32[2,3]{1,0} dot(...)' or '(s32[], ...) while(...)' -> (type, remainder)."""
-    if rest.startswith("("):
-        depth = 0
-        for i, c in enumerate(rest):
-            depth += {"(": 1, ")": -1}.get(c, 0)
-            if depth == 0:
-                return rest[:i + 1], rest[i + 2:]
-    head, _, tail = rest.partition(" ")
-    return head, tail
-
-
-def parse_hlo(text):
-    """{computation: [(name, type, opcode, line)]}, {instruction name: dims}, entry name."""
-    comps, dims, entry, current = {}, {}, None, None
-    for line in text.splitlines():
-        header = re.match(r"^(ENTRY )?%(\S+) .*\{$", line)
-        if header:
-            current = header.group(2)
-            comps[current] = []
-            entry = current if header.group(1) else entry
-            continue
-        ins = re.match(r"^\s+(?:ROOT )?%(\S+) = (.*)$", line)
-        if ins and current:
-            typ, rest = _split_type(ins.group(2))
-            opcode = re.match(r"([\w\-]+)\(", rest).group(1)
-            comps[current].append((ins.group(1), typ, opcode, line))
-            shape = re.match(r"^\w+\[([\d,]*)\]", typ)
-            if shape:
-                dims[ins.group(1)] = [int(x) for x in shape.group(1).split(",") if x]
-    return comps, dims, entry
-
-
-def _elements_and_bytes(typ):
-    dtype, shape = re.match(r"^(\w+)\[([\d,]*)\]", typ).groups()
-    size = math.prod(int(x) for x in shape.split(",") if x)
-    return size, size * SIZES[dtype]
 
 
 class HloCounts:
     """Dots, tile conditionals and collectives of one compiled module, loops multiplied out."""
 
     def __init__(self, text):
-        self.comps, self.dims, entry = parse_hlo(text)
+        self.text = text
+        self.comps, self.dims, entry = hlo_lib.parse(text)
         self.tile_switches = []   # (backward?, multiplicity, flops per branch)
         self.stray_flops = 0      # dot FLOPs outside any tile switch
         self.collectives = []     # (opcode, result bytes, multiplicity, backward?, line)
@@ -187,7 +172,7 @@ class HloCounts:
         lhs = re.search(r" dot\(%([^,\s)]+)", line).group(1)
         contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
         k = math.prod(self.dims[lhs][int(i)] for i in contracting.split(",") if i)
-        return 2 * _elements_and_bytes(typ)[0] * k
+        return 2 * hlo_lib.type_size(typ)[0] * k
 
     def _flops(self, comp):
         """Dot FLOPs of one execution of `comp`, loops multiplied out (no conditionals inside)."""
@@ -196,25 +181,16 @@ class HloCounts:
             if op == "dot":
                 total += self._dot_flops(typ, line)
             assert op != "conditional", "a conditional inside a tile branch"
-            for callee, times in self._callees(op, line):
+            for callee, times in hlo_lib.callees(op, line):
                 total += times * self._flops(callee)
         return total
-
-    def _callees(self, op, line):
-        if op == "while":
-            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            assert trip, f"a while loop without a known trip count: {line[:200]}"
-            return [(re.search(r"body=%([\w.\-]+)", line).group(1), int(trip.group(1)))]
-        names = re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line)
-        return [(name, 1) for name in names]
 
     def _walk(self, comp, times, in_branch):
         for _, typ, op, line in self.comps[comp]:
             backward = "transpose(" in (re.search(r'op_name="([^"]*)"', line) or ["", ""])[1] \
                 if 'op_name="' in line else False
             if op == "conditional":
-                branches = re.search(r"branch_computations=\{([^}]*)\}", line).group(1)
-                branches = [b.strip().lstrip("%") for b in branches.split(",")]
+                branches = hlo_lib.branches(line)
                 if len(branches) == 3:  # SKIP / MASKED / FULL
                     flops = [self._flops(b) for b in branches]
                     self.tile_switches.append((backward, times, flops))
@@ -224,22 +200,19 @@ class HloCounts:
                 continue
             if op == "dot":
                 self.stray_flops += times * self._dot_flops(typ, line)
-            if op in ("collective-permute", "all-gather", "reduce-scatter", "all-reduce",
-                      "all-to-all") or op.endswith("-start"):
+            if hlo_lib.is_collective(op):
                 assert not in_branch, f"a collective inside a conditional: {line[:200]}"
-                self.collectives.append((op, _elements_and_bytes(typ)[1], times, backward, line))
-            for callee, trip in self._callees(op, line):
+                self.collectives.append((op, hlo_lib.type_size(typ)[1], times, backward, line))
+            for callee, trip in hlo_lib.callees(op, line):
                 self._walk(callee, times * trip, in_branch)
 
-    def wire_bytes(self, n, backward):
-        """Bytes one device sends: permutes their result; ring all-gather and reduce-scatter."""
+    def wire_bytes(self, backward):
+        """Bytes one device sends: permutes their result; all-gather and all-to-all (g - 1) / g
+        of theirs, reduce-scatter g - 1 times its result, over groups of g devices."""
         total = 0
-        for op, size, times, bwd, _ in self.collectives:
-            if bwd != backward:
-                continue
-            share = {"collective-permute": 1, "all-gather": (n - 1) / n,
-                     "reduce-scatter": n - 1}[op]
-            total += times * size * share
+        for op, size, times, bwd, line in self.collectives:
+            if bwd == backward:
+                total += times * size * hlo_lib.share(op, line)
         assert total == int(total)
         return int(total)
 
@@ -321,7 +294,7 @@ def test_tiles_flops_and_bytes_equal_the_compiled_hlo(compiled_softmax, kernel, 
                    block_q=BLOCK, block_k=BLOCK)
     hlo = compiled_softmax(kernel, n)
     wire_f, wire_b = cm.wire_bytes(p)
-    assert (hlo.wire_bytes(n, False), hlo.wire_bytes(n, True)) == (cm.total_bytes(wire_f),
+    assert (hlo.wire_bytes(False), hlo.wire_bytes(True)) == (cm.total_bytes(wire_f),
                                                                    cm.total_bytes(wire_b))
     shift = hlo.ring_shift(n, wire_f["K/V"][0]) if kernel == "ring" else 1
     steps = p.ring_steps() if kernel == "ring" else 1
@@ -360,8 +333,42 @@ def test_linear_state_bytes_equal_the_compiled_hlo(algorithm, layout, n):
     p = cm.Problem("linear", layout, 128, HEADS, HEADS, HEAD_DIM, n, batch=BATCH,
                    linear_algorithm=algorithm)
     wire_f, wire_b = cm.wire_bytes(p)
-    assert hlo.wire_bytes(n, False) == cm.total_bytes(wire_f)
-    assert hlo.wire_bytes(n, True) == cm.total_bytes(wire_b)
+    assert hlo.wire_bytes(False) == cm.total_bytes(wire_f)
+    assert hlo.wire_bytes(True) == cm.total_bytes(wire_b)
+
+
+@pytest.mark.parametrize("kernel,layout,a,r", [("ulysses", "zigzag", n, 1) for n in (2, 4, 8)] + [
+    ("ulysses", "striped", 4, 1), ("usp", "zigzag", 2, 4), ("usp", "zigzag", 4, 2),
+    ("usp", "striped", 2, 4)])
+def test_all_to_all_bytes_and_flops_equal_the_compiled_hlo(kernel, layout, a, r):
+    """Heads 8, kv heads 2: below the degree at a = 4, 8 (copied), a multiple at a = 2."""
+    heads, kv_heads = 8, 2
+    mesh, axis = a2a_mesh(a, r)
+    seq = axis if r == 1 else axis[::-1]
+    attend = lambda q, k, v, pos: attention_in_layout(
+        q, k, v, mesh=mesh, axis=axis, impl=kernel, layout=layout, causal=True, positions=pos,
+        block_q=BLOCK, block_k=BLOCK)
+    pos = jax.ShapeDtypeStruct((SEQ_LEN,), jnp.int32, sharding=NamedSharding(mesh, P(seq)))
+    specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P(None, seq)))
+             for x in _specs(None, SEQ_LEN, heads, kv_heads, HEAD_DIM)]
+    hlo = HloCounts(_compile(_forward_backward(attend), *specs, pos))
+    p = cm.Problem(kernel, layout, SEQ_LEN, heads, kv_heads, HEAD_DIM, a * r, batch=BATCH,
+                   itemsize=4, block_q=BLOCK, block_k=BLOCK, a2a=a)
+    wire_f, wire_b = cm.wire_bytes(p)
+    assert (hlo.wire_bytes(False), hlo.wire_bytes(True)) == (cm.total_bytes(wire_f),
+                                                             cm.total_bytes(wire_b))
+    if kernel == "ulysses":
+        gathered = tiles.gathered_positions(p)[0]
+        kinds = kernel_kinds(gathered, gathered, *p.blocks())
+        want_f, want_b = hlo_flops(hlo, p, {(0, rank): kinds for rank in range(a)}, 1)
+    else:  # the ring's schedule on the problem after the all-to-all, on each of its a devices
+        inner = p.after_all_to_all()
+        shift = hlo.ring_shift(r, wire_f["ring K/V"][0])
+        want = hlo_flops(hlo, inner, kernel_schedule(inner, shift), inner.ring_steps())
+        want_f, want_b = (np.repeat(x, a, 1) for x in want)
+    got_f, got_b = cm.step_flops(p)
+    assert (got_f == want_f).all() and (got_b == want_b).all()
+    assert hlo_lib.sent_bytes(hlo.text) == hlo.wire_bytes(False) + hlo.wire_bytes(True)
 
 
 # ----------------------------------------------------------------------------- the model itself

@@ -8,15 +8,17 @@ sequence axis, L = T / n shard length, H query heads, K kv heads, D head_dim,
 bq / bk tile lengths, nq / nk tiles per shard.
 
 What it counts, mirroring the kernels (`lca/kernels/{blockwise,ring,allgather,
-linear_parallel}.py`) in NumPy; from lca only the registry's names, default
-tiles, layouts and the ring's window rule. A kernel is a modelled strategy,
-a tiled local kernel (one device) or `linear`:
+ulysses,linear_parallel}.py`) in NumPy; from lca only the registry's names,
+default tiles, layouts, the ring's window rule and the all-to-all's head
+rule. A kernel is a modelled strategy, a tiled local kernel (one device) or
+`linear`:
 
-  tiles   For ring step s, rank r holds the K/V shard of rank (r - s) mod n.
-          The (query shard, key shard) pair is classified from its position
-          extremes; a fully masked pair runs nothing. Otherwise every
-          (bq x bk) tile is SKIP / MASKED / FULL by the same per-block
-          min/max rule as `masks.classify_blocks`.
+  tiles   `tools/cost_tiles.py`: for ring step s, rank r holds the K/V shard
+          of rank (r - s) mod n; pairs and tiles classified as the kernels do.
+          All-to-all (Ulysses, n = a devices): one step over the whole
+          gathered sequence, H / a heads per device. USP (a x r devices):
+          the ring over r on the problem the all-to-all leaves (H / a heads,
+          max(K / a, 1) kv heads, the ring shard's T / r tokens).
   FLOPs   a MASKED or FULL tile costs 4 B H bq bk D forward (QK^T, PV) and
           10 B H bq bk D backward (QK^T recomputed, dV, dP, dK, dQ); SKIP 0.
   bytes   what each device sends. Ring forward: steps - 1 hops of one K/V
@@ -28,11 +30,21 @@ a tiled local kernel (one device) or `linear`:
           (n - 1) shards (the backward's re-gather is the forward's under one
           jit: XLA reuses it). Linear: the [m, B, H, K V' + 1] float32 state
           buffer, (n - 1) times (ring, all-gather) or log2 n (doubling), each way.
+          All-to-all over a devices: each device sends (a - 1) / a of each
+          buffer it holds: q, K, V, o forward, dO, dQ, dK, dV backward, in the
+          input dtype; K/V with K < a heads are first copied to a heads (so a
+          / K copies cross, not all heads everywhere); positions (+ segment
+          ids) all-gathered once, forward. USP adds its ring's bytes.
   time    compute = FLOPs / (peak x efficiency). A forward ring step takes
           max(slowest rank's compute, latency + hop bytes / link bandwidth):
           the ppermute is issued before the compute. In the backward ring the
           dK/dV hop leaves after the step's compute and is needed by the next
           step, so it adds to the step. All-gather communicates, then computes.
+          An all-to-all neither overlaps nor is overlapped: q, K, V (and dO)
+          before the compute, o (dQ, dK, dV) after; its time is
+          `Hardware.all_to_all_seconds` (a ring of a chips on TPU, the
+          busiest link; NVSwitch inside a GPU node, the NIC across nodes).
+          USP's ring uses the slowest hop of all a x r devices.
   memory  per device: inputs, saved output and log-sum-exp, the buffers in
           flight and one step's float32 partial results and tile temporaries.
 
@@ -50,7 +62,8 @@ from hardware import HARDWARE
 
 from lca import layouts
 from lca.kernels import local as local_lib
-from lca.kernels import registry, ring
+from lca.kernels import registry, ring, ulysses
+from cost_tiles import tile_counts
 
 # ----------------------------------------------------------------------------- problem
 
@@ -59,7 +72,8 @@ def communication(name):
     return getattr(registry.get(name), "communication", registry.get(name).kind)
 
 
-MODELLED = ("local", "linear", "ring", "allgather")  # the patterns modelled here
+MODELLED = ("local", "linear", "ring", "allgather", "alltoall", "alltoall+ring")
+ALL_TO_ALL = ("alltoall", "alltoall+ring")
 KERNELS = tuple(n for n in registry.names() if communication(n) in MODELLED
                 and getattr(registry.get(n), "tiles", True))  # tiled local kernels
 LAYOUTS = layouts.LAYOUTS
@@ -68,7 +82,11 @@ LINEAR_ALGORITHMS = registry.entries("linear")[0].algorithms
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One attention call: `seq_len` tokens over `devices` chips (global batch split out)."""
+    """One attention call: `seq_len` tokens over `devices` chips (global batch split out).
+
+    USP ("alltoall+ring"): `a2a` of the devices are the all-to-all axis, devices / a2a
+    the ring.
+    """
 
     kernel: str = registry.DEFAULT_STRATEGY
     layout: str = "zigzag"
@@ -88,6 +106,7 @@ class Problem:
     linear_algorithm: str = "ring"
     value_dim: int | None = None  # linear: V (default head_dim)
     normalize: bool = False       # linear: one extra value column
+    a2a: int = 1                  # USP: devices on the all-to-all axis
 
     @property
     def comm(self):
@@ -100,21 +119,47 @@ class Problem:
 
     @property
     def shard_len(self):
+        """Tokens a device holds (before any all-to-all)."""
         return self.seq_len if self.one_device else self.seq_len // self.devices
+
+    @property
+    def a2a_degree(self):
+        """Devices of the all-to-all axis: all of them (Ulysses), `a2a` (USP), or 1."""
+        return {"alltoall": self.devices, "alltoall+ring": self.a2a}.get(self.comm, 1)
+
+    @property
+    def layout_shards(self):
+        """The shards the layout splits the sequence into (the ring's, for USP)."""
+        return self.devices // self.a2a if self.comm == "alltoall+ring" else self.devices
+
+    def after_all_to_all(self):
+        """What one device computes once the all-to-all has run: USP's ring over
+        devices / a2a, or (Ulysses) a local kernel over the whole sequence, on H / a heads
+        and max(K / a, 1) kv heads, with the tiles the strategy resolved."""
+        bq, bk = self.blocks()
+        a = self.a2a_degree
+        kernel = "ring" if self.comm == "alltoall+ring" else registry.DEFAULT_LOCAL
+        return dataclasses.replace(self, kernel=kernel, devices=self.devices // a,
+                                   heads=self.heads // a, kv_heads=max(self.kv_heads // a, 1),
+                                   a2a=1, block_q=bq, block_k=bk)
 
     def blocks(self):
         """(bq, bk) as the kernels resolve them (`local.default_tiles` of the default local
         kernel, or the local kernel itself), at most the lengths."""
         local = registry.local_kernel(self.kernel if self.one_device else None)
         groups = self.heads // self.kv_heads
+        shard = self.seq_len if self.one_device else self.seq_len // self.layout_shards
         default = (local_lib.default_tiles(local, groups) if self.one_device else
-                   local_lib.default_tiles(local, groups, self.layout, self.shard_len))
+                   local_lib.default_tiles(local, groups, self.layout, shard))
         bq, bk = self.block_q or default, self.block_k or default
-        kv_len = self.seq_len if self.comm == "allgather" else self.shard_len
-        return min(bq, self.shard_len), min(bk, kv_len)
+        q_len = self.seq_len if self.comm == "alltoall" else shard
+        kv_len = self.seq_len if self.comm in ("allgather", "alltoall") else q_len
+        return min(bq, q_len), min(bk, kv_len)
 
     def ring_steps(self):
         """Ring steps taken: n, or fewer for a causal window on the contiguous layout."""
+        if self.comm == "alltoall+ring":
+            return self.after_all_to_all().ring_steps()
         if self.comm != "ring":
             return self.devices
         options = ring.layout_options(self.layout, self.causal, self.window or None,
@@ -125,7 +170,12 @@ class Problem:
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {list(KERNELS)} (no cost model yet for"
                              " other communication patterns); got {self.kernel!r}")
-        layouts.check_layout(self.seq_len, self.layout, self.devices, self.stripe)
+        layouts.check_layout(self.seq_len, self.layout, self.layout_shards, self.stripe)
+        if self.seq_len % self.devices or self.devices % self.a2a:
+            raise ValueError(f"seq_len {self.seq_len} and a2a {self.a2a} must divide by, and"
+                             f" divide, the {self.devices} devices")
+        if self.comm in ALL_TO_ALL:
+            ulysses.check_heads(self.heads, self.kv_heads, self.a2a_degree)
         if self.heads % self.kv_heads:
             raise ValueError(f"heads {self.heads} must be a multiple of kv_heads {self.kv_heads}")
         if self.comm == "linear" and self.linear_algorithm == "doubling" and \
@@ -134,80 +184,13 @@ class Problem:
         return self
 
 
-# ----------------------------------------------------------------------------- layouts, tiles
-
-
-def shard_positions(seq_len, layout, n, stripe=1):
-    """int64 [n, L]: global positions each shard holds (`lca.layouts.shard_positions`)."""
-    return layouts.shard_positions(seq_len, layout, n, stripe).astype(np.int64)
-
-
-def block_extremes(pos, block):
-    """(min, max, padded) per block of the last axis; padding excluded, as masks.block_stats."""
-    length = pos.shape[-1]
-    nb = -(-length // block)
-    pad = nb * block - length
-    widths = [(0, 0)] * (pos.ndim - 1) + [(0, pad)]
-    lo = np.pad(pos, widths, constant_values=np.iinfo(np.int64).max)
-    hi = np.pad(pos, widths, constant_values=np.iinfo(np.int64).min)
-    shape = pos.shape[:-1] + (nb, block)
-    padded = np.zeros(nb, bool)
-    padded[-1] = pad > 0
-    return lo.reshape(shape).min(-1), hi.reshape(shape).max(-1), padded
-
-
-def classify(q, k, causal, window):
-    """(masked, full) bool [..., nq, nk] from (min, max, padded) extremes, as classify_blocks."""
-    qmin, qmax = q[0][..., :, None], q[1][..., :, None]
-    kmin, kmax = k[0][..., None, :], k[1][..., None, :]
-    shape = np.broadcast_shapes(qmin.shape, kmin.shape)
-    none, every = np.zeros(shape, bool), np.ones(shape, bool)
-    if causal:
-        none |= qmax < kmin
-        every &= qmin >= kmax
-        if window is not None:
-            none |= qmin - kmax >= window
-            every &= qmax - kmin < window
-    full = every & ~k[2]
-    return ~none & ~full, ~none & full
-
-
-@functools.lru_cache(maxsize=256)
-def tile_counts(p: Problem):
-    """(masked, full) int64 [steps, n]: tiles of each kind rank r computes at ring step s.
-
-    Ring: step s pairs rank r's queries with rank (r - s) mod n's keys, and a
-    fully masked shard pair computes nothing. All-gather: one step against all
-    keys in layout order. Blockwise: one device, one step.
-    """
-    n = 1 if p.one_device else p.devices
-    pos = shard_positions(p.seq_len, p.layout, n, p.stripe)
-    bq, bk = p.blocks()
-    qx = block_extremes(pos, bq)
-    if p.comm == "allgather":
-        kx = block_extremes(pos.reshape(1, -1), bk)
-        masked, full = classify(qx, kx, p.causal, p.window)
-        return masked.sum((-1, -2))[None], full.sum((-1, -2))[None]
-    kx = block_extremes(pos, bk)
-    sx = block_extremes(pos, pos.shape[1])  # one block per shard
-    steps = p.ring_steps() if p.comm == "ring" else 1
-    masked, full = np.zeros((steps, n), np.int64), np.zeros((steps, n), np.int64)
-    for s in range(steps):
-        roll = lambda x: np.roll(x, s, axis=0)  # roll(x)[r] = x[(r - s) mod n]
-        m, f = classify(qx, (roll(kx[0]), roll(kx[1]), kx[2]), p.causal, p.window)
-        sm, sf = classify(sx, (roll(sx[0]), roll(sx[1]), sx[2]), p.causal, p.window)
-        runs = (sm | sf)[:, 0, 0]
-        masked[s], full[s] = m.sum((-1, -2)) * runs, f.sum((-1, -2)) * runs
-    return masked, full
-
-
 # ----------------------------------------------------------------------------- FLOPs, bytes
 
 
 def tile_flops(p: Problem):
     """(forward, backward) FLOPs of one MASKED or FULL tile (padded tile lengths)."""
     bq, bk = p.blocks()
-    unit = p.batch * p.heads * bq * bk * p.head_dim
+    unit = p.batch * (p.heads // p.a2a_degree) * bq * bk * p.head_dim  # a device's heads
     return 4 * unit, 10 * unit
 
 
@@ -215,9 +198,22 @@ def step_flops(p: Problem):
     """(forward, backward) FLOPs [steps, n] of every (ring step, rank); zeros for linear."""
     if p.comm == "linear":
         return np.zeros((1, p.devices)), np.zeros((1, p.devices))
+    if p.comm == "alltoall+ring":  # the ring's, the same on every all-to-all device
+        return tuple(np.repeat(f, p.a2a_degree, 1) for f in step_flops(p.after_all_to_all()))
     masked, full = tile_counts(p)
     fwd, bwd = tile_flops(p)
     return (masked + full) * fwd, (masked + full) * bwd
+
+
+def all_to_all_bytes(p: Problem):
+    """(forward, backward) {name: (bytes one device sends, collectives)} of the all-to-all
+    over its a devices: (a - 1) / a of each buffer a device holds."""
+    a, b, length, d = p.a2a_degree, p.batch, p.shard_len, p.head_dim
+    send = lambda heads: b * length * heads * d * p.itemsize * (a - 1) // a
+    q, kv = send(p.heads), send(max(p.kv_heads, a))  # K < a heads: copied to a first
+    ids = (a - 1) * b * length * 4 * (2 if p.segments else 1)  # all-gathered once
+    return ({"q": (q, 1), "K/V": (kv, 2), "ids": (ids, 1), "o": (q, 1)},
+            {"dO": (q, 1), "dQ": (q, 1), "dK/dV": (kv, 2)})
 
 
 def wire_bytes(p: Problem):
@@ -232,6 +228,13 @@ def wire_bytes(p: Problem):
     dkv = 2 * b * length * p.kv_heads * p.head_dim * 4
     if p.one_device or n == 1:
         return {}, {}
+    if p.comm in ALL_TO_ALL:
+        fwd, bwd = all_to_all_bytes(p)
+        if p.comm == "alltoall+ring":
+            ring_f, ring_b = wire_bytes(p.after_all_to_all())
+            fwd.update({f"ring {k}": v for k, v in ring_f.items()})
+            bwd.update({f"ring {k}": v for k, v in ring_b.items()})
+        return fwd, bwd
     if p.comm == "ring":
         hops = p.ring_steps() - 1
         # With one hop (n = 2) there is no loop around it, and under one jit XLA
@@ -270,22 +273,34 @@ class Prediction:
     hidden: tuple           # (forward, backward): every hop hides under its step's compute
     balance: float          # critical path / ideal (total / n), compute only
     memory: dict
+    a2a_seconds: tuple = (0.0, 0.0)  # (forward, backward) all-to-alls, outside the steps
 
     @property
     def seconds(self):
-        return float(sum(t.sum() for t in self.step_seconds))
+        return float(sum(t.sum() for t in self.step_seconds) + sum(self.a2a_seconds))
+
+
+def _balance(total):
+    """Critical path (the slowest rank's FLOPs, summed over steps) / the ideal (total / n)."""
+    return float(total.max(1).sum() / (total.sum() / total.shape[1])) if total.sum() else 1.0
 
 
 def _message_seconds(size, count, bw, latency):
     return count * (latency + size / bw) if count else 0.0
 
 
-def predict(p: Problem, hardware="tpu_v5p", efficiency=0.5, backward=True):
-    """Per-step times, bytes, overlap, balance and memory of one attention call."""
+def predict(p: Problem, hardware="tpu_v5p", efficiency=0.5, backward=True, link=None):
+    """Per-step times, bytes, overlap, balance and memory of one attention call.
+
+    link: (bandwidth, latency) of a ring hop; default the slowest of a ring over
+    p.devices (`Hardware.ring_link`).
+    """
     p.check()
     hw = HARDWARE[hardware]
+    if p.comm in ALL_TO_ALL:
+        return _predict_all_to_all(p, hardware, efficiency, backward)
     rate = hw.peak_flops * efficiency
-    bw, lat = hw.ring_link(p.devices)
+    bw, lat = link or hw.ring_link(p.devices)
     ff, fb = step_flops(p)
     wf, wb = wire_bytes(p)
     slowest_f, slowest_b = ff.max(1) / rate, fb.max(1) / rate
@@ -309,14 +324,37 @@ def predict(p: Problem, hardware="tpu_v5p", efficiency=0.5, backward=True):
     if p.comm == "linear":  # only the state exchange is modelled, not the local compute
         t_fwd, t_bwd = np.array([comm_f]), np.array([comm_b])
         hidden = (None, None)
-    total = ff + fb
-    critical = total.max(1).sum()
-    balance = float(critical / (total.sum() / total.shape[1])) if total.sum() else 1.0
+    balance = _balance(ff + fb)
     if not backward:
         t_bwd, comm_b, fb, wb = np.zeros_like(t_bwd), 0.0, np.zeros_like(fb), {}
     return Prediction(p, hardware, efficiency, (ff, fb), (total_bytes(wf), total_bytes(wb)),
                       (t_fwd, t_bwd), (slowest_f.sum(), slowest_b.sum()), (comm_f, comm_b),
                       hidden, balance, memory_bytes(p, backward))
+
+
+def _predict_all_to_all(p: Problem, hardware, efficiency, backward):
+    """All-to-alls before and after the compute: the local kernel's (Ulysses) or the ring's
+    over devices / a2a (USP, its hops at the slowest link of all p.devices)."""
+    hw, a = HARDWARE[hardware], p.a2a_degree
+    ff, fb = step_flops(p)
+    rate = hw.peak_flops * efficiency
+    steps, comm = (ff.max(1) / rate, fb.max(1) / rate * backward), (0.0, 0.0)
+    if p.comm == "alltoall+ring":
+        ring_p = predict(p.after_all_to_all(), hardware, efficiency, backward,
+                         link=hw.ring_link(p.devices))
+        steps, comm = ring_p.step_seconds, ring_p.comm_seconds
+    bw, lat = hw.ring_link(a)
+    seconds = lambda parts: sum(  # the positions' all-gather is a ring of a - 1 messages
+        _message_seconds(size / (a - 1), (a - 1) * count, bw, lat) if name == "ids"
+        else count * hw.all_to_all_seconds(size, a) for name, (size, count) in parts.items())
+    a2a_f, a2a_b = (seconds(parts) for parts in all_to_all_bytes(p))
+    a2a = (a2a_f, a2a_b * backward)
+    wf, wb = wire_bytes(p)
+    return Prediction(p, hardware, efficiency, (ff, fb * backward),
+                      (total_bytes(wf), total_bytes(wb) * backward), steps,
+                      (ff.max(1).sum() / rate, fb.max(1).sum() / rate * backward),
+                      (comm[0] + a2a[0], comm[1] + a2a[1]), (False, False), _balance(ff + fb),
+                      memory_bytes(p, backward), a2a)
 
 
 def memory_bytes(p: Problem, backward=True):
@@ -350,6 +388,9 @@ def memory_bytes(p: Problem, backward=True):
                     + 4 * tile)
     if p.comm == "linear":
         temps = 0
+    if p.comm in ALL_TO_ALL:  # the gathered buffers, and what the ring or local kernel holds
+        inner = memory_bytes(p.after_all_to_all(), backward)
+        saved, temps = inner["saved"], inner["arguments"] + inner["outputs"] + inner["temporaries"]
     return {"arguments": arguments, "outputs": outputs, "saved": saved, "temporaries": temps}
 
 

@@ -1,7 +1,7 @@
 """What the cost model (tools/cost_model.py) prints and draws: a breakdown, two figures.
 
   python tools/cost_model.py --kernel ring --layout zigzag --seq_len 1048576 --devices 256
-  python tools/cost_report.py --plots docs/figures   # cost_step_time / cost_overlap .png, .csv
+  python tools/cost_report.py --plots docs/figures   # cost_{step_time,overlap,strategy}.png/.csv
 
 `python experiments/figures.py` runs `write_plots` into docs/figures.
 """
@@ -57,6 +57,9 @@ def format_prediction(r: Prediction) -> str:
                      f" {_seconds(r.comm_seconds[i])},"
                      f" step total {_seconds(r.step_seconds[i].sum())};"
                      f" communication {_HIDDEN[r.hidden[i]]}")
+    if any(r.a2a_seconds):
+        lines.append(f"  all-to-all over {p.a2a_degree} devices (not overlapped): forward"
+                     f" {_seconds(r.a2a_seconds[0])}, backward {_seconds(r.a2a_seconds[1])}")
     lines.append(f"  critical path / ideal (load balance): {r.balance:.3f}")
     lines.append(f"  predicted time: {_seconds(r.seconds)}")
     mem = r.memory
@@ -107,15 +110,15 @@ def _write_csv(path, header, rows):
 
 
 def write_plots(out_dir, efficiency=0.5, devices=256, lengths=PLOT_LENGTHS):
-    """Writes cost_step_time.{png,csv} and cost_overlap.{png,csv} into `out_dir`."""
+    """Writes cost_step_time, cost_overlap and cost_strategy (.png, .csv) into `out_dir`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
     rows = []
-    series = [(s.name, x) for s in registry.entries("strategy") if s.name in KERNELS
-              for x in s.bench_layouts]
+    series = [(s.name, x) for s in registry.entries("strategy")
+              if s.communication in ("ring", "allgather") for x in s.bench_layouts]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, hw in zip(axes, ("tpu_v5p", "h100")):
         for kernel, layout in series:
@@ -173,6 +176,82 @@ def write_plots(out_dir, efficiency=0.5, devices=256, lengths=PLOT_LENGTHS):
     _write_csv(os.path.join(out_dir, "cost_overlap.csv"),
                ("hardware", "pass", "devices", "smallest_shard_len"), rows)
 
+    rows = strategy_rows(efficiency, lengths)
+    _strategy_plot(plt, out_dir, rows, list(lengths), efficiency)
+    _write_csv(os.path.join(out_dir, "cost_strategy.csv"), STRATEGY_HEADER, rows)
+
+
+STRATEGY_PANELS = (("tpu_v5p", 256), ("h100", 256), ("tpu_v5p", 16))
+A2A_DEGREES = (2, 4, 8, 16, 32)
+
+
+def strategy_options(devices, heads=PLOT_HEADS["heads"]):
+    """(label, kernel, a2a) for every way to split `devices` over the sequence: the ring, the
+    all-gather, USP at every all-to-all degree below the devices that divides the heads, and
+    Ulysses where the heads split over all of them."""
+    out = [("ring", "ring", 1), ("allgather", "allgather", 1)]
+    out += [(f"usp a2a={a}", "usp", a) for a in A2A_DEGREES if a < devices and heads % a == 0]
+    if heads % devices == 0:
+        out.append((f"ulysses (a2a={devices})", "ulysses", 1))
+    return out
+
+
+def strategy_rows(efficiency=0.5, lengths=PLOT_LENGTHS, panels=STRATEGY_PANELS):
+    """CSV rows of the "which strategy is fastest" figure: every option at every length."""
+    rows = []
+    for hw, devices in panels:
+        for t in lengths:
+            found = []
+            for label, kernel, a in strategy_options(devices):
+                r = predict(Problem(kernel, "zigzag", t, devices=devices, a2a=a, **PLOT_HEADS),
+                            hw, efficiency)
+                fits = sum(r.memory.values()) <= HARDWARE[hw].hbm_bytes
+                found.append([hw, devices, label, kernel, a, t, r.seconds, sum(r.compute_seconds),
+                              sum(r.comm_seconds), sum(r.a2a_seconds), sum(r.bytes_sent), fits])
+            best = min(row[6] for row in found if row[-1])
+            rows += [row + [row[-1] and row[6] == best] for row in found]
+    return rows
+
+
+STRATEGY_HEADER = ("hardware", "devices", "option", "kernel", "a2a", "seq_len", "seconds",
+                   "compute_s", "comm_s", "a2a_s", "bytes_sent", "fits", "fastest")
+
+
+def _strategy_plot(plt, out_dir, rows, lengths, efficiency):
+    panels = list(dict.fromkeys((r[0], r[1]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.0))
+    fig.subplots_adjust(wspace=0.42, left=0.07, right=0.93, top=0.84, bottom=0.14)
+    for ax, (hw, devices) in zip(np.atleast_1d(axes), panels):
+        mine = [r for r in rows if (r[0], r[1]) == (hw, devices)]
+        labels = list(dict.fromkeys(r[2] for r in mine))
+        grid = np.full((len(labels), len(lengths)), np.nan)
+        for r in mine:
+            if r[11]:
+                grid[labels.index(r[2]), lengths.index(r[5])] = r[6]
+        grid = grid / np.nanmin(grid, axis=0)
+        image = ax.imshow(np.log2(grid), cmap="viridis_r", vmin=0, vmax=2, aspect="auto")
+        for i in range(len(labels)):
+            for j in range(len(lengths)):
+                text = "x" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}"
+                best = grid[i, j] == 1.0
+                ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                        fontweight="bold" if best else "normal",
+                        color="white" if not np.isnan(grid[i, j]) and grid[i, j] > 2 else "black")
+        ax.set_xticks(range(len(lengths)), [_tokens_axis(t) for t in lengths], fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("sequence length (tokens)", fontsize=8)
+        ax.set_title(f"{HARDWARE[hw].name} x {devices}", fontsize=9)
+    fig.colorbar(image, ax=axes, label="log2(time / fastest)", fraction=0.015, pad=0.02)
+    fig.suptitle(f"which strategy is fastest: predicted attention fwd+bwd time / the fastest"
+                 f" option's (1.00, bold; x: exceeds HBM)\nheads 32/8, head_dim 128, bf16,"
+                 f" zigzag, efficiency {efficiency} (tools/cost_report.py)", fontsize=9)
+    fig.savefig(os.path.join(out_dir, "cost_strategy.png"), dpi=120)
+    plt.close(fig)
+
+
+def _tokens_axis(t):
+    return f"{t >> 20}M" if t >= 1 << 20 else f"{t >> 10}k"
+
 
 # ----------------------------------------------------------------------------- command line
 
@@ -186,6 +265,7 @@ def main(argv=None):
     parser.add_argument("--kv_heads", type=int, default=8)
     parser.add_argument("--head_dim", type=int, default=128)
     parser.add_argument("--devices", type=int, default=256)
+    parser.add_argument("--a2a", type=int, default=1, help="usp: devices on the all-to-all axis")
     parser.add_argument("--batch", type=int, default=1, help="per device")
     parser.add_argument("--itemsize", type=int, default=2, help="bytes per input element")
     parser.add_argument("--hardware", default="tpu_v5p", choices=list(HARDWARE))
@@ -200,11 +280,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.plots:
         write_plots(args.plots, args.efficiency)
-        print(f"wrote cost_step_time.png/.csv and cost_overlap.png/.csv to {args.plots}")
+        print(f"wrote cost_step_time, cost_overlap and cost_strategy (.png, .csv) to {args.plots}")
         return
     p = Problem(args.kernel, args.layout, args.seq_len, args.heads, args.kv_heads, args.head_dim,
                 args.devices, args.batch, args.itemsize, window=args.window,
-                block_q=args.block, block_k=args.block, linear_algorithm=args.linear_algorithm)
+                block_q=args.block, block_k=args.block, linear_algorithm=args.linear_algorithm,
+                a2a=args.a2a)
     print(format_prediction(predict(p, args.hardware, args.efficiency, not args.forward_only)))
 
 

@@ -29,6 +29,29 @@ class Hardware:
             return self.network_bw, self.network_latency
         return self.link_bw, self.link_latency
 
+    def all_to_all_seconds(self, sent, devices):
+        """One all-to-all over `devices` chips, each sending `sent` bytes (sent / (n - 1) to
+        each other chip): latency + the busiest link's bytes / its bandwidth.
+
+        GPUs: inside a node every GPU sends its (n - 1) / n at link_bw (the switch
+        has full bisection); across nodes the (n - node) / n bound for other nodes
+        leaves through the GPU's NIC at network_bw. TPUs: the chips form one ring
+        (a torus axis with wraparound) and each message takes the shorter way, so
+        the busiest link carries sent / (n - 1) x (1 + 2 + ... + (ceil(n / 2) - 1), plus
+        n / 4 for even n: the half-way messages split) -> about sent x n / 8.
+        A model, not a measurement: no contention with other axes, no pipelining.
+        """
+        if devices < 2:
+            return 0.0
+        share = sent / (devices - 1)
+        if self.node_size:
+            if devices <= self.node_size:
+                return self.link_latency + sent / self.link_bw
+            return self.network_latency + share * (devices - self.node_size) / self.network_bw
+        half = -(-devices // 2)
+        load = share * ((half - 1) * half / 2 + (devices / 4 if devices % 2 == 0 else 0))
+        return self.link_latency + load / self.link_bw
+
 
 HARDWARE = {
     # https://cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s.

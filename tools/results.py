@@ -19,11 +19,12 @@ import os
 import cost_model as cm
 
 from lca.bench import records
-from lca.bench.kernels import PEER
+from lca.bench.kernels import A2A, PEER
 from lca.kernels import registry
 
 DATA = {"points": "bench_suite.csv", "balance": "bench_balance.csv", "train": "bench_train.csv"}
-COST = {"overlap": "cost_overlap.csv", "step_time": "cost_step_time.csv"}
+COST = {"overlap": "cost_overlap.csv", "step_time": "cost_step_time.csv",
+        "strategy": "cost_strategy.csv"}
 
 
 def load(figures_dir):
@@ -144,19 +145,23 @@ def mesh(data):
             peer = _one(data, part="mesh", impl=PEER, n=n, heads=h, kv_heads=kv, seq_len=t,
                         mode="fwd+bwd")
             if p is None or p.seconds is None:
-                row += ["–"] * 3
+                row += ["–"] * 4
                 continue
             ratio = f"{p.seconds / peer.seconds:.2f}" if peer and peer.seconds else "–"
-            row += [f"{p.seconds:.2f}", ratio, _mib(p.temp_bytes)]
+            sent = "–" if p.sent_bytes is None else _mib(p.sent_bytes)
+            row += [f"{p.seconds:.2f}", ratio, _mib(p.temp_bytes), sent]
         rows.append(row)
     header = ["impl", "layout"]
     for h, kv in heads:
-        header += [f"{h}/{kv} heads: s", f"/ {PEER}", "MiB per device"]
+        header += [f"{h}/{kv} heads: s", f"/ {PEER}", "MiB per device", "MiB sent"]
     return "\n".join([
         _table(header, rows), "",
         f"Causal forward+backward at T={t:,} on {n} emulated CPU devices, batch 1, head_dim"
         f" 64, float32: median seconds, time relative to the `{PEER}` package's (below"
-        f" 1 is faster) and compiled temporaries per device.",
+        f" 1 is faster), compiled temporaries per device and the MiB a device sends in the"
+        f" compiled program's collectives (`lca.bench.hlo`; `usp` on (ulysses {A2A}) x"
+        f" (sequence {n // A2A})). Times on this shared two-core machine do not carry to a pod;"
+        f" the bytes, the memory and the FLOPs do (the cost model predicts from them).",
         _source(data, "points", part="mesh")])
 
 
@@ -273,6 +278,32 @@ def step_time(data):
         _table(["profile", "kernel", "layout", f"step s at {_tokens(t)}", "balance",
                 "forward hops hidden", "temporaries GB"], body), "",
         "_From `docs/figures/cost_step_time.csv` (`tools/cost_report.py`)._"])
+
+
+def strategy(data):
+    """When all-to-all beats the ring: the cost model's fastest split per length and mesh."""
+    rows = data.get("strategy")
+    if not rows:
+        return None
+    panels = list(dict.fromkeys((r["hardware"], r["devices"]) for r in rows))
+    lengths = sorted({int(r["seq_len"]) for r in rows})
+    body = []
+    for hw, devices in panels:
+        mine = [r for r in rows if (r["hardware"], r["devices"]) == (hw, devices)]
+        cells = []
+        for t in lengths:
+            at = [r for r in mine if int(r["seq_len"]) == t]
+            best = next(r for r in at if r["fastest"] == "True")
+            ring = next(r for r in at if r["option"] == "ring")
+            cells.append(f"{best['option']} ({float(ring['seconds']) / float(best['seconds']):.2f})")
+        body.append([f"{hw} x {devices}"] + cells)
+    return "\n".join([
+        _table(["mesh"] + [_tokens(t) for t in lengths], body), "",
+        "The fastest option by the cost model (predicted causal attention forward+backward, heads"
+        " 32/8, head_dim 128, bf16, zigzag, efficiency 0.5), and in brackets the ring's"
+        " predicted time over it. The a2a degree of `usp` is the all-to-all axis; the ring"
+        " gets the rest of the devices.",
+        "_From `docs/figures/cost_strategy.csv` (`tools/cost_report.py`)._"])
 
 
 # ----------------------------------------------------------------------------- training

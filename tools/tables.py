@@ -22,7 +22,7 @@ import re
 
 import results
 from results import (balance, linear, memory_check, mesh, overlap, questions, single,
-                     step_time, train)
+                     step_time, strategy, train)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES_DIR = os.path.join(REPO, "docs", "figures")
@@ -30,7 +30,7 @@ MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /tab
                     re.S)
 TABLES = {"questions": questions, "single": single, "mesh": mesh, "linear": linear,
           "balance": balance, "memory-check": memory_check, "overlap": overlap,
-          "step-time": step_time, "train": train}
+          "step-time": step_time, "strategy": strategy, "train": train}
 
 
 # ----------------------------------------------------------------------------- files
