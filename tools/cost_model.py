@@ -30,21 +30,16 @@ rule. A kernel is a modelled strategy, a tiled local kernel (one device) or
           (n - 1) shards (the backward's re-gather is the forward's under one
           jit: XLA reuses it). Linear: the [m, B, H, K V' + 1] float32 state
           buffer, (n - 1) times (ring, all-gather) or log2 n (doubling), each way.
-          All-to-all over a devices: each device sends (a - 1) / a of each
-          buffer it holds: q, K, V, o forward, dO, dQ, dK, dV backward, in the
-          input dtype; K/V with K < a heads are first copied to a heads (so a
-          / K copies cross, not all heads everywhere); positions (+ segment
-          ids) all-gathered once, forward. USP adds its ring's bytes.
+          All-to-all over a devices: (a - 1) / a of q, K, V, o forward, dO,
+          dQ, dK, dV backward (K/V at max(K, a) heads: the copies), positions
+          all-gathered once (`all_to_all_bytes`). USP adds its ring's bytes.
   time    compute = FLOPs / (peak x efficiency). A forward ring step takes
           max(slowest rank's compute, latency + hop bytes / link bandwidth):
           the ppermute is issued before the compute. In the backward ring the
           dK/dV hop leaves after the step's compute and is needed by the next
           step, so it adds to the step. All-gather communicates, then computes.
-          An all-to-all neither overlaps nor is overlapped: q, K, V (and dO)
-          before the compute, o (dQ, dK, dV) after; its time is
-          `Hardware.all_to_all_seconds` (a ring of a chips on TPU, the
-          busiest link; NVSwitch inside a GPU node, the NIC across nodes).
-          USP's ring uses the slowest hop of all a x r devices.
+          All-to-alls are not overlapped (`Hardware.all_to_all_seconds`);
+          USP's ring hops take the slowest link of all a x r devices.
   memory  per device: inputs, saved output and log-sum-exp, the buffers in
           flight and one step's float32 partial results and tile temporaries.
 
@@ -132,22 +127,28 @@ class Problem:
         """The shards the layout splits the sequence into (the ring's, for USP)."""
         return self.devices // self.a2a if self.comm == "alltoall+ring" else self.devices
 
+    def local_heads(self):
+        """(heads, kv heads) the local kernel sees: the strategy's `local_heads` rule."""
+        rule = getattr(registry.get(self.kernel), "local_heads", None)
+        if rule is None or self.one_device:
+            return self.heads, self.kv_heads
+        return rule((1, 1, self.heads, 1), (1, 1, self.kv_heads, 1), (("a2a", self.a2a_degree),))
+
     def after_all_to_all(self):
         """What one device computes once the all-to-all has run: USP's ring over
         devices / a2a, or (Ulysses) a local kernel over the whole sequence, on H / a heads
         and max(K / a, 1) kv heads, with the tiles the strategy resolved."""
-        bq, bk = self.blocks()
-        a = self.a2a_degree
+        (bq, bk), (heads, kv_heads) = self.blocks(), self.local_heads()
         kernel = "ring" if self.comm == "alltoall+ring" else registry.DEFAULT_LOCAL
-        return dataclasses.replace(self, kernel=kernel, devices=self.devices // a,
-                                   heads=self.heads // a, kv_heads=max(self.kv_heads // a, 1),
-                                   a2a=1, block_q=bq, block_k=bk)
+        return dataclasses.replace(self, kernel=kernel, devices=self.devices // self.a2a_degree,
+                                   heads=heads, kv_heads=kv_heads, a2a=1, block_q=bq, block_k=bk)
 
     def blocks(self):
         """(bq, bk) as the kernels resolve them (`local.default_tiles` of the default local
         kernel, or the local kernel itself), at most the lengths."""
         local = registry.local_kernel(self.kernel if self.one_device else None)
-        groups = self.heads // self.kv_heads
+        heads, kv_heads = self.local_heads()
+        groups = heads // kv_heads
         shard = self.seq_len if self.one_device else self.seq_len // self.layout_shards
         default = (local_lib.default_tiles(local, groups) if self.one_device else
                    local_lib.default_tiles(local, groups, self.layout, shard))

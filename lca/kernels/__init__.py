@@ -14,9 +14,11 @@ from lca.kernels.local import LocalConfig, LocalKernel, Supports
 from lca.kernels.masks import MaskSpec
 from lca.kernels.reference import reference_attention
 from lca.kernels.ring import ring_attention
+from lca.kernels.ulysses import ulysses_attention, usp_attention
 from lca.kernels.xla import xla_attention
 
 __all__ = ["registry", "LocalKernel", "LocalConfig", "Supports", "MaskSpec",
            "reference_attention", "xla_attention", "ring_attention", "allgather_attention",
+           "ulysses_attention", "usp_attention",
            "linear_attention", "linear_attention_step", "linear_attention_shard",
            "elu1", "relu", "taylor2", "hedgehog", "hedgehog_identity"]

@@ -51,6 +51,9 @@ class Strategy:
     window), n and shard_len those of the layout's (ring) axis.
     check(q_shape, k_shape, axes) raises a ValueError for shapes the strategy
     cannot split over its axes ((name, size) pairs), before anything is traced.
+    local_heads(q_shape, k_shape, axes) -> (heads, kv_heads) the local kernel
+    sees, where the strategy moves heads (an all-to-all); default tiles follow
+    that grouping.
     communication: its pattern, as `tools/cost_model.py` models it ("ring":
     K/V hop around a ring; "allgather": K/V gathered, dK/dV reduce-scattered;
     "alltoall": heads for sequence and back; "alltoall+ring").
@@ -66,6 +69,7 @@ class Strategy:
     bench_layouts: tuple[str, ...] = LAYOUTS
     layout_options: Callable | None = None
     check: Callable | None = None
+    local_heads: Callable | None = None
     axes: int = 1
     baseline: bool = False
 
@@ -163,10 +167,12 @@ for _entry in (
                  communication="allgather", baseline=True,
                  doc="one all-gather of K/V, then the local kernel"),
         Strategy("ulysses", ulysses.ulysses_attention, layout_options=ulysses.layout_options,
-                 check=ulysses.check_shapes, communication="alltoall", bench_layouts=("zigzag",),
+                 check=ulysses.check_shapes, local_heads=ulysses.local_heads,
+                 communication="alltoall", bench_layouts=("zigzag",),
                  doc="all-to-all: the whole sequence of H/n heads on each device"),
         Strategy("usp", ulysses.usp_attention, layout_options=ring.layout_options,
-                 check=ulysses.check_shapes, communication="alltoall+ring", axes=2,
+                 check=ulysses.check_shapes, local_heads=ulysses.local_heads,
+                 communication="alltoall+ring", axes=2,
                  bench_layouts=("zigzag",),
                  doc="all-to-all over the first axis, the ring over the second"),
         LinearFamily("linear", doc="chunked causal linear attention; states cross shards",

@@ -51,6 +51,12 @@ def check_shapes(q_shape, k_shape, axes):
     check_heads(q_shape[2], k_shape[2], size, f"axis {name!r}")
 
 
+def local_heads(q_shape, k_shape, axes):
+    """Strategy.local_heads: (H / n, max(K / n, 1)) after the all-to-all over `axes[0]`."""
+    n = axes[0][1]
+    return q_shape[2] // n, max(k_shape[2] // n, 1)
+
+
 def check_heads(heads, kv_heads, n, axis="the all-to-all axis"):
     """Raises a ValueError unless heads split over n devices and kv heads split or copy."""
     if heads % n:

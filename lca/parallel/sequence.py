@@ -200,13 +200,16 @@ def attention_in_layout(q, k, v, *, mesh, axis="sequence", impl=registry.DEFAULT
                             positions, segment_ids, scale, options)
     seq_spec, n, _ = sequence_axes(mesh, axis, entry)
     q_spec, k_spec, ids_spec = specs(mesh, seq_spec, rules, q.shape, k.shape)
-    if entry.check is not None:  # on the heads one device holds, after the rules split them
-        names = (axis,) if isinstance(axis, str) else tuple(axis)
-        entry.check(_device_shape(q.shape, q_spec, mesh), _device_shape(k.shape, k_spec, mesh),
-                    tuple((a, mesh.shape[a]) for a in names))
+    sizes = tuple((a, mesh.shape[a]) for a in ((axis,) if isinstance(axis, str) else axis))
+    shapes = (_device_shape(q.shape, q_spec, mesh), _device_shape(k.shape, k_spec, mesh),
+              sizes)  # the heads one device holds
+    if entry.check is not None:
+        entry.check(*shapes)
+    heads, kv_heads = (entry.local_heads(*shapes) if entry.local_heads is not None
+                       else (q.shape[2], k.shape[2]))  # as the local kernel sees them
     seq_len, shard_len = q.shape[1], q.shape[1] // n
     stripe = options.get("stripe", 1)
-    block = local_lib.default_tiles(kernel, q.shape[2] // k.shape[2], layout, shard_len)
+    block = local_lib.default_tiles(kernel, heads // kv_heads, layout, shard_len)
     shard_options = {"block_q": options.get("block_q", block or None),
                      "block_k": options.get("block_k", block or None)}  # 0: takes no tiles
     if entry.layout_options is not None:
