@@ -1,6 +1,7 @@
 """lca.sequence_parallel_attention: the all-gather baseline, layout-order entry, bad input."""
 
 import functools
+import re
 import sys
 import types
 
@@ -14,6 +15,7 @@ from ring_cases import HEADS, check_against_reference, mask_kwargs, sub_mesh
 
 import lca
 from lca import layouts
+from lca.kernels import registry
 from lca.parallel import attention_in_layout
 
 
@@ -79,8 +81,8 @@ def _call(mesh=None, *, batch=2, seq_len=64, heads=4, kv_heads=2, **kwargs):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"impl": "dense"}, r"unknown sequence-parallel impl 'dense'; known: \['ring', 'allgather',"
-                        r" 'linear'\]"),
+    ({"impl": "dense"}, r"unknown sequence-parallel impl 'dense'; known: "
+                        + re.escape(str(registry.names("strategy") + registry.names("linear")))),
     ({"local": "flash"}, r"unknown local kernel 'flash'; known: \['blockwise', 'reference', 'xla'\]"),
     ({"local": "xla"}, r"local kernel 'xla' does not support strategy 'ring' \(it gives no"
                        r" log-sum-exp.*would work: \['blockwise', 'reference'\]"),
