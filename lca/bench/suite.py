@@ -64,18 +64,21 @@ class Grid:
     mesh_sizes_len: int
     linear_lens: tuple[int, ...]         # linear on one device
     linear_parallel_len: int             # sequence-parallel linear, n = mesh_devices
+    mesh_heads: tuple[tuple[int, int], ...] | None = None  # the mesh part's; None: heads
     repeats: int = 3
     mesh_devices: int = 8
     head_dim: int = 64
     check_len: int = 256                 # the correctness check's length (tiles scaled)
 
 
+# The mesh part takes 8 heads, so an all-to-all over the 8 devices has one head each.
 QUICK = Grid(single_lens=(512, 1024, 2048), heads=((4, 4), (8, 2)), mesh_lens=(1024, 2048),
              mesh_sizes=(2, 8), mesh_sizes_len=2048, linear_lens=(4096, 16384),
-             linear_parallel_len=16384, repeats=2)
+             linear_parallel_len=16384, mesh_heads=((8, 8), (8, 2)), repeats=2)
 DEFAULT = Grid(single_lens=(512, 1024, 2048, 4096, 8192, 16384), heads=((4, 4), (8, 2)),
                mesh_lens=(4096, 8192, 16384), mesh_sizes=(2, 4, 8), mesh_sizes_len=4096,
-               linear_lens=(16384, 65536, 262144, 1048576), linear_parallel_len=262144)
+               linear_lens=(16384, 65536, 262144, 1048576), linear_parallel_len=262144,
+               mesh_heads=((8, 8), (8, 2)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +111,9 @@ def specs(grid, parts, kernels):
         else:
             where = [(1, t) for t in grid.linear_lens]
             where += [(grid.mesh_devices, grid.linear_parallel_len)]
-        for (h, kv), (n, t), mode in itertools.product(grid.heads, where, MODES):
-            if part == "mesh" and n != grid.mesh_devices and (h, kv) != grid.heads[0]:
+        heads = grid.mesh_heads or grid.heads if part == "mesh" else grid.heads
+        for (h, kv), (n, t), mode in itertools.product(heads, where, MODES):
+            if part == "mesh" and n != grid.mesh_devices and (h, kv) != heads[0]:
                 continue  # the sweep over mesh sizes: first head configuration only
             for label, kernel in table.items():
                 if kernel.sharded != (part == "mesh" or n > 1) or (h != kv and not kernel.gqa):
