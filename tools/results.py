@@ -160,7 +160,8 @@ def mesh(data):
         f" 64, float32: median seconds, time relative to the `{PEER}` package's (below"
         f" 1 is faster), compiled temporaries per device and the MiB a device sends in the"
         f" compiled program's collectives (`lca.bench.hlo`; `usp` on (ulysses {A2A}) x"
-        f" (sequence {n // A2A})). Times on this shared two-core machine do not carry to a pod;"
+        f" (sequence {n // A2A}); – where a strategy cannot split those heads over the devices)."
+        f" Times on this shared two-core machine do not carry to a pod;"
         f" the bytes, the memory and the FLOPs do (the cost model predicts from them).",
         _source(data, "points", part="mesh")])
 
