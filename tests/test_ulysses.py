@@ -34,37 +34,21 @@ def usp_mesh(a2a, ring_size):
                      devices=jax.devices()[:a2a * ring_size])
 
 
+MESHES = [("ulysses", 8, 1), ("ulysses", 2, 1), ("ulysses", 4, 1), ("usp", 2, 4), ("usp", 4, 2)]
+
+
 @pytest.mark.parametrize("heads", ["mha", "gqa"])
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_ulysses_on_8_devices(mesh8, layout, mask, heads):
-    check_against_reference(mesh8, layout, mask, kv_heads(heads, 8), impl="ulysses",
+@pytest.mark.parametrize("impl,a2a,ring_size", MESHES)
+def test_against_the_reference(mesh8, impl, a2a, ring_size, layout, mask, heads):
+    """(a2a, ring_size): the all-to-all degree and, for usp, the ring's devices."""
+    if impl == "ulysses":
+        mesh, axis = (mesh8 if a2a == 8 else sub_mesh(a2a)), "sequence"
+    else:
+        mesh, axis = usp_mesh(a2a, ring_size), ("ulysses", "sequence")
+    check_against_reference(mesh, layout, mask, kv_heads(heads, a2a), impl=impl, axis=axis,
                             heads=HEADS, fast_compile=True)
-
-
-@pytest.mark.parametrize("n", [2, 4])
-@pytest.mark.parametrize("heads", ["mha", "gqa"])
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_ulysses_on_2_and_4_devices(n, layout, mask, heads):
-    check_against_reference(sub_mesh(n), layout, mask, kv_heads(heads, n), impl="ulysses",
-                            heads=HEADS, fast_compile=True)
-
-
-@pytest.mark.parametrize("heads", ["mha", "gqa"])
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_usp_on_2_by_4(layout, mask, heads):
-    check_against_reference(usp_mesh(2, 4), layout, mask, kv_heads(heads, 2), impl="usp",
-                            axis=("ulysses", "sequence"), heads=HEADS, fast_compile=True)
-
-
-@pytest.mark.parametrize("heads", ["mha", "gqa"])
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_usp_on_4_by_2(layout, mask, heads):
-    check_against_reference(usp_mesh(4, 2), layout, mask, kv_heads(heads, 4), impl="usp",
-                            axis=("ulysses", "sequence"), heads=HEADS, fast_compile=True)
 
 
 @pytest.mark.parametrize("local", [e.name for e in registry.entries("local") if e.shards])
