@@ -3,9 +3,8 @@
   python tools/cost_model.py --kernel ring --layout zigzag --seq_len 1048576 --heads 32 \
       --kv_heads 8 --head_dim 128 --devices 256 --hardware tpu_v5p   # see tools/cost_report.py
 
-Dimension legend: B batch per device, T sequence length, n devices on the
-sequence axis, L = T / n shard length, H query heads, K kv heads, D head_dim,
-bq / bk tile lengths, nq / nk tiles per shard.
+Legend: B batch per device, T length, n devices, L = T / n, H / K query / kv
+heads, D head_dim, bq / bk tile lengths (docs/cost_model.md has the whole model).
 
 What it counts, mirroring the kernels (`lca/kernels/{blockwise,ring,allgather,
 ulysses,linear_parallel}.py`) in NumPy; from lca only the registry's names,
