@@ -189,10 +189,15 @@ def strategy_options(devices, heads=PLOT_HEADS["heads"]):
     """(label, kernel, a2a) for every way to split `devices` over the sequence: the ring, the
     all-gather, USP at every all-to-all degree below the devices that divides the heads, and
     Ulysses where the heads split over all of them."""
-    out = [("ring", "ring", 1), ("allgather", "allgather", 1)]
-    out += [(f"usp a2a={a}", "usp", a) for a in A2A_DEGREES if a < devices and heads % a == 0]
-    if heads % devices == 0:
-        out.append((f"ulysses (a2a={devices})", "ulysses", 1))
+    out = []
+    for s in registry.entries("strategy"):  # each by how it communicates
+        if s.communication in ("ring", "allgather"):
+            out.append((s.name, s.name, 1))
+        elif s.communication == "alltoall+ring":
+            out += [(f"{s.name} a2a={a}", s.name, a) for a in A2A_DEGREES
+                    if a < devices and heads % a == 0]
+    out += [(f"{s.name} (a2a={devices})", s.name, 1) for s in registry.entries("strategy")
+            if s.communication == "alltoall" and heads % devices == 0]
     return out
 
 

@@ -295,7 +295,7 @@ def strategy(data):
         for t in lengths:
             at = [r for r in mine if int(r["seq_len"]) == t]
             best = next(r for r in at if r["fastest"] == "True")
-            ring = next(r for r in at if r["option"] == "ring")
+            ring = next(r for r in at if r["option"] == registry.DEFAULT_STRATEGY)
             cells.append(f"{best['option']} ({float(ring['seconds']) / float(best['seconds']):.2f})")
         body.append([f"{hw} x {devices}"] + cells)
     return "\n".join([

@@ -100,12 +100,8 @@ def _strategy(strategy, local):
     def accepts(heads, kv_heads, n):
         if strategy.axes == 2 and (n % A2A or n == A2A):
             return False
-        try:  # the same check attention_in_layout makes before tracing
-            axes = (("ulysses", A2A),) if strategy.axes == 2 else ((AXIS, n),)
-            strategy.check and strategy.check((1, 1, heads, 1), (1, 1, kv_heads, 1), axes)
-            return True
-        except ValueError:
-            return False
+        return strategy.takes(heads, kv_heads, (("ulysses", A2A),) if strategy.axes == 2
+                              else ((AXIS, n),))  # the check made before tracing
 
     return Kernel("softmax", make, strategy.name, local, strategy.bench_layouts, sharded=True,
                   accepts=accepts, place=_two_axes if strategy.axes == 2 else None,

@@ -75,6 +75,14 @@ class Strategy:
 
     kind = "strategy"
 
+    def takes(self, heads: int, kv_heads: int, axes) -> bool:
+        """Whether `check` accepts these heads over `axes` ((name, size) pairs)."""
+        try:
+            self.check and self.check((1, 1, heads, 1), (1, 1, kv_heads, 1), tuple(axes))
+        except ValueError:
+            return False
+        return True
+
 
 @dataclasses.dataclass(frozen=True)
 class LinearFamily:

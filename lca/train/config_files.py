@@ -54,16 +54,7 @@ def fit_mesh(c, entry) -> None:
             mesh = {a: s for a, s in mesh.items() if a != "sequence"}
             mesh.update(ulysses=2, sequence=seq // 2)
     elif getattr(entry, "check", None) is not None:
-        m = c.model
-        q, k = (1, 1, m.heads, m.head_dim), (1, 1, m.kv_heads, m.head_dim)
-
-        def fits(n):
-            try:
-                entry.check(q, k, (("sequence", n),))
-                return True
-            except ValueError:
-                return False
-
+        fits = lambda n: entry.takes(c.model.heads, c.model.kv_heads, (("sequence", n),))
         size = max(d for d in range(1, seq + 1) if seq % d == 0 and fits(d))
         if size != seq:
             mesh.update(data=mesh.get("data", 1) * (seq // size), sequence=size)
