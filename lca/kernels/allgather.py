@@ -58,19 +58,20 @@ _allgather.defvjp(_allgather_fwd, _allgather_bwd)
 def allgather_attention(q, k, v, *, axis_name, local=None, causal=False, window=None,
                         segment_ids=None, kv_segment_ids=None, positions=None,
                         kv_positions=None, scale=None, block_q=None, block_k=None,
-                        return_lse=False):
+                        placement=None, return_lse=False):
     """Exact softmax attention of this shard's queries over all shards' keys.
 
     Same contract as `lca.kernels.ring_attention` (call inside `jax.shard_map`
     with the sequence sharded on `axis_name`; global positions of the local
-    tokens; default the contiguous layout; any local kernel), computed by one
-    all-gather of K/V. Key tiles walk the gathered n * S keys.
+    tokens; default the contiguous layout; any local kernel; placement: the
+    layout's "gathered" view), computed by one all-gather of K/V. Key tiles walk
+    the gathered n * S keys.
     """
     n = lax.axis_size(axis_name)
     kernel, cfg, arrays = strategy.prepare(
         "allgather", q, k, v, axis_name=axis_name, local=local, causal=causal, window=window,
         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, positions=positions,
         kv_positions=kv_positions, scale=scale, block_q=block_q, block_k=block_k,
-        kv_len=n * k.shape[1])
+        kv_len=n * k.shape[1], placement=placement)
     out, lse = _allgather(kernel, cfg, axis_name, q, k, v, arrays)
     return (out, lse) if return_lse else out

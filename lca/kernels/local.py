@@ -34,21 +34,63 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lca import layouts
 from lca.kernels.masks import MaskSpec
 from lca.kernels.validation import check_block
 
 F32 = jnp.float32
 MASK_KINDS = ("causal", "window", "segments")
+VIEWS = ("shards", "gathered", "whole")
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Which global tokens a local kernel may be handed, known before tracing.
+
+    A kernel whose masks must be static (splash) reads the candidate
+    (query positions, key positions) pairs from it; every other kernel
+    ignores it. The positions are those of `lca.layouts` for a sequence of
+    `seq_len` tokens in `layout` over `num_shards` shards:
+
+      shards    the queries of one shard and the keys of one shard (a ring step)
+      gathered  the queries of one shard and the keys of all shards, in layout
+                order (after an all-gather)
+      whole     every token, in layout order; on one device (contiguous, n = 1)
+                keys may be `kv_len` long, at positions arange(kv_len)
+    """
+
+    layout: str
+    seq_len: int
+    num_shards: int = 1
+    stripe: int = 1
+    view: str = "whole"
+    kv_len: int | None = None
+
+    def candidates(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(query position arrays, key position arrays): any query array may meet any key
+        array, each int32 numpy, distinct."""
+        full = layouts.positions(self.seq_len, self.layout, self.num_shards, self.stripe)
+        shards = list(full.reshape(self.num_shards, -1))
+        keys = full if self.kv_len is None else np.arange(self.kv_len, dtype=np.int32)
+        q = {"shards": shards, "gathered": shards, "whole": [full]}[self.view]
+        kv = {"shards": shards, "gathered": [full], "whole": [keys]}[self.view]
+        return q, kv
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalConfig:
-    """Static options of one local-kernel call (hashable: a `nondiff_argnums` key)."""
+    """Static options of one local-kernel call (hashable: a `nondiff_argnums` key).
+
+    placement: where the tokens come from (`Placement`), set by a strategy that
+    knows its layout and by `lca.attention` for the natural order; None when
+    positions are only known at run time.
+    """
 
     spec: MaskSpec
     scale: float
     block_q: int
     block_k: int
+    placement: Placement | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +117,12 @@ class LocalKernel:
     instead of the generic wrapper (the float64 oracle, XLA's own attention).
     baseline: the one-device baseline of the benchmark suite.
     bench: measured by the benchmark suite.
+    platform: the platform it is written for ("tpu", "gpu"; None: any). Elsewhere
+    it runs in Pallas interpret mode (`lca.kernels.platform`), and `local="auto"`
+    picks the kernel written for the platform at hand.
+    typed_vma: traces under `jax.shard_map(check_vma=True)`; False for a Pallas
+    kernel, whose outputs carry no varying-axes type (strategies then run under
+    check_vma=False).
     """
 
     name: str
@@ -86,6 +134,8 @@ class LocalKernel:
     direct: Callable | None = None
     baseline: bool = False
     bench: bool = True
+    platform: str | None = None
+    typed_vma: bool = True
 
     kind = "local"
 
@@ -111,7 +161,9 @@ class LocalKernel:
             return f"grouped-query heads ({q.shape[2]} query heads, {k.shape[2]} kv heads)"
         m = s.length_multiple
         if m > 1 and (q.shape[1] % m or k.shape[1] % m):
-            return f"lengths {q.shape[1]} / {k.shape[1]} (they must be multiples of {m})"
+            up = lambda n: -(-n // m) * m
+            return (f"lengths {q.shape[1]} / {k.shape[1]} (they must be multiples of {m}; the"
+                    f" nearest that work: {up(q.shape[1])} / {up(k.shape[1])})")
         if s.head_dims and q.shape[3] not in s.head_dims:
             return f"head_dim {q.shape[3]} (it takes {list(s.head_dims)})"
         return None
@@ -145,7 +197,8 @@ def default_tiles(kernel: LocalKernel, groups: int, layout: str | None = None,
 
 
 def config(kernel: LocalKernel, q, k, *, causal, window, segments, scale, block_q=None,
-           block_k=None, q_len=None, kv_len=None, sharded=False) -> LocalConfig:
+           block_k=None, q_len=None, kv_len=None, sharded=False,
+           placement: Placement | None = None) -> LocalConfig:
     """A LocalConfig for this call: defaults resolved, tiles no longer than the lengths
     (q_len, kv_len: the lengths the kernel will see, default q's and k's; more after a
     gather; sharded: a strategy's call, see `default_tiles`)."""
@@ -159,7 +212,7 @@ def config(kernel: LocalKernel, q, k, *, causal, window, segments, scale, block_
         spec=MaskSpec(bool(causal), None if window is None else int(window), bool(segments)),
         scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
         block_q=min(int(bq), q_len or q.shape[1]) if bq else 0,
-        block_k=min(int(bk), kv_len or k.shape[1]) if bk else 0)
+        block_k=min(int(bk), kv_len or k.shape[1]) if bk else 0, placement=placement)
 
 
 def merge(out, lse, out_t, lse_t):

@@ -205,7 +205,8 @@ def layout_options(layout, causal, window, shard_len, num_shards, stripe=1):
 
 def ring_attention(q, k, v, *, axis_name, local=None, causal=False, window=None,
                    segment_ids=None, kv_segment_ids=None, positions=None, kv_positions=None,
-                   scale=None, block_q=None, block_k=None, max_steps=None, return_lse=False):
+                   scale=None, block_q=None, block_k=None, max_steps=None, placement=None,
+                   return_lse=False):
     """Exact softmax attention of this shard's queries over the whole ring's keys.
 
     Call inside `jax.shard_map` with the sequence dimension sharded on
@@ -232,6 +233,8 @@ def ring_attention(q, k, v, *, axis_name, local=None, causal=False, window=None,
         every such pair is masked, as for a causal window w with
         max_steps >= `window_steps(w, S, n)` on the contiguous layout
         (`layout_options` sets it there).
+      placement: the `local.Placement` of the layout ("shards" view), for a local
+        kernel with static masks (splash); `attention_in_layout` passes it.
       return_lse: also return the float32 log-sum-exp [B, T, H].
 
     Returns:
@@ -241,7 +244,8 @@ def ring_attention(q, k, v, *, axis_name, local=None, causal=False, window=None,
     kernel, cfg, arrays = strategy.prepare(
         "ring", q, k, v, axis_name=axis_name, local=local, causal=causal, window=window,
         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, positions=positions,
-        kv_positions=kv_positions, scale=scale, block_q=block_q, block_k=block_k)
+        kv_positions=kv_positions, scale=scale, block_q=block_q, block_k=block_k,
+        placement=placement)
     n = lax.axis_size(axis_name)
     if max_steps is not None and (isinstance(max_steps, bool)
                                   or not isinstance(max_steps, (int, np.integer))

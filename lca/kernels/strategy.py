@@ -48,12 +48,14 @@ def shard_mask_arrays(q, k, axis_name, *, positions=None, kv_positions=None, seg
 
 
 def prepare(name, q, k, v, *, axis_name, local, causal, window, segment_ids, kv_segment_ids,
-            positions, kv_positions, scale, block_q, block_k, q_len=None, kv_len=None):
+            positions, kv_positions, scale, block_q, block_k, q_len=None, kv_len=None,
+            placement=None):
     """(local kernel, its LocalConfig, this shard's MaskArrays) for strategy `name`.
 
     Raises a ValueError before tracing for bad arguments or a local kernel that
     does not support the call. q_len, kv_len: the query and key lengths the
-    local kernel sees (the shard's, or all shards' after a gather).
+    local kernel sees (the shard's, or all shards' after a gather). placement:
+    the `local.Placement` of those tokens, where the caller knows its layout.
     """
     check_attention_args(
         q, k, v, causal=causal, window=window, segment_ids=segment_ids,
@@ -63,7 +65,8 @@ def prepare(name, q, k, v, *, axis_name, local, causal, window, segment_ids, kv_
     kernel = local_lib.resolve(local, q, k, spec, strategy=name)
     cfg = local_lib.config(kernel, q, k, causal=causal, window=window,
                            segments=segment_ids is not None, scale=scale, block_q=block_q,
-                           block_k=block_k, q_len=q_len, kv_len=kv_len, sharded=True)
+                           block_k=block_k, q_len=q_len, kv_len=kv_len, sharded=True,
+                           placement=placement)
     arrays = shard_mask_arrays(q, k, axis_name, positions=positions, kv_positions=kv_positions,
                                segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
     return kernel, cfg, arrays

@@ -35,6 +35,8 @@ the ring is kept.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -118,7 +120,8 @@ def _take(x, index):
 
 def ulysses_attention(q, k, v, *, axis_name, local=None, causal=False, window=None,
                       segment_ids=None, kv_segment_ids=None, positions=None, kv_positions=None,
-                      scale=None, block_q=None, block_k=None, reorder=None, return_lse=False):
+                      scale=None, block_q=None, block_k=None, reorder=None, placement=None,
+                      return_lse=False):
     """Exact softmax attention of this shard's queries over all shards' keys, by all-to-all.
 
     Same contract as `lca.kernels.ring_attention` (inside `jax.shard_map`, the
@@ -128,6 +131,7 @@ def ulysses_attention(q, k, v, *, axis_name, local=None, causal=False, window=No
     reorder: (layout, stripe) of a layout whose gathered order interleaves
       positions (`layout_options` passes it for striped): the gathered
       sequence is put in natural order for the local kernel.
+    placement: the layout's "whole" view (natural order after `reorder`).
     """
     n = lax.axis_size(axis_name)
     check_heads(q.shape[2], k.shape[2], n, f"axis {axis_name!r}")
@@ -135,7 +139,9 @@ def ulysses_attention(q, k, v, *, axis_name, local=None, causal=False, window=No
         "ulysses", q, k, v, axis_name=axis_name, local=local, causal=causal, window=window,
         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, positions=positions,
         kv_positions=kv_positions, scale=scale, block_q=block_q, block_k=block_k,
-        q_len=n * q.shape[1], kv_len=n * k.shape[1])
+        q_len=n * q.shape[1], kv_len=n * k.shape[1],
+        placement=placement if reorder is None or placement is None else
+        dataclasses.replace(placement, layout="contiguous", num_shards=1))
     q, k, v, arrays = to_heads(q, k, v, arrays, axis_name)
     order = _natural_order(reorder, q.shape[1], n)
     if order is not None:
@@ -155,7 +161,8 @@ def layout_options(layout, causal, window, shard_len, num_shards, stripe=1):
 
 def usp_attention(q, k, v, *, axis_name, local=None, causal=False, window=None,
                   segment_ids=None, kv_segment_ids=None, positions=None, kv_positions=None,
-                  scale=None, block_q=None, block_k=None, max_steps=None, return_lse=False):
+                  scale=None, block_q=None, block_k=None, max_steps=None, placement=None,
+                  return_lse=False):
     """Ulysses x ring: all-to-all over `axis_name[0]`, the ring over `axis_name[1]`.
 
     Inside `jax.shard_map` with the sequence sharded over both axes, the ring
@@ -175,7 +182,7 @@ def usp_attention(q, k, v, *, axis_name, local=None, causal=False, window=None,
         q, k, v, axis_name=ring_axis, local=local, causal=causal, window=window,
         segment_ids=arrays.q_seg, kv_segment_ids=arrays.kv_seg, positions=arrays.q_pos,
         kv_positions=arrays.kv_pos, scale=scale, block_q=block_q, block_k=block_k,
-        max_steps=max_steps, return_lse=return_lse)
+        max_steps=max_steps, placement=placement, return_lse=return_lse)
     if return_lse:
         return scatter_tokens(out[0], a2a), scatter_tokens(out[1], a2a)
     return scatter_tokens(out, a2a)

@@ -215,6 +215,9 @@ def attention_in_layout(q, k, v, *, mesh, axis="sequence", impl=registry.DEFAULT
     if entry.layout_options is not None:
         shard_options.update(entry.layout_options(layout, causal, window, shard_len, n,
                                                   stripe=stripe))
+    if entry.view is not None:
+        shard_options["placement"] = local_lib.Placement(layout, seq_len, n, stripe,
+                                                         entry.view)
     if positions is None:
         positions = layouts.positions(seq_len, layout, n, stripe)
     positions = jnp.asarray(positions, jnp.int32)
@@ -231,8 +234,8 @@ def attention_in_layout(q, k, v, *, mesh, axis="sequence", impl=registry.DEFAULT
                               window=window, segment_ids=seg, positions=pos, scale=scale,
                               **shard_options)
 
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(in_specs),
-                         out_specs=q_spec)(*args)
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(in_specs), out_specs=q_spec,
+                         check_vma=kernel.typed_vma)(*args)
 
 
 def sequence_parallel_attention(q, k, v, *, mesh, axis="sequence", impl=registry.DEFAULT_STRATEGY,
