@@ -69,7 +69,7 @@ def test_every_kind_is_listed_once():
     ({"masks": ("causal",)}, {"causal": True, "window": 8}, "does not support window masks"),
     ({"dtypes": ("float32",)}, {"dtype": jnp.bfloat16}, r"does not support dtype bfloat16"),
     ({"grouped_heads": False}, {}, r"grouped-query heads \(4 query heads, 2 kv heads\)"),
-    ({"length_multiple": 128}, {}, r"lengths \d+ / \d+ \(they must be multiples of 128\)"),
+    ({"length_multiple": 128}, {}, r"lengths \d+ / \d+ \(they must be multiples of 128; the nearest that work: 128 / 128\)"),
 ])
 def test_an_unsupported_call_names_the_kernel_and_what_would_work(registered, supports, call,
                                                                    message):

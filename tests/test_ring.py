@@ -25,7 +25,7 @@ from lca.kernels.ring import ring_attention, shard_pair_kind
 
 # The one-axis strategies without head constraints; tests/test_ulysses.py has the others.
 STRATEGIES = [s.name for s in registry.entries("strategy") if s.axes == 1 and s.check is None]
-SHARDING_LOCALS = [e.name for e in registry.entries("local") if e.shards]
+SHARDING_LOCALS = [e.name for e in registry.entries("local") if e.shards and e.platform is None]
 
 
 @pytest.fixture(scope="module")

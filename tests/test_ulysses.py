@@ -51,7 +51,8 @@ def test_against_the_reference(mesh8, impl, a2a, ring_size, layout, mask, heads)
                             heads=HEADS, fast_compile=True)
 
 
-@pytest.mark.parametrize("local", [e.name for e in registry.entries("local") if e.shards])
+@pytest.mark.parametrize("local", [e.name for e in registry.entries("local")
+                                   if e.shards and e.platform is None])
 def test_every_local_kernel_under_both(mesh8, local):
     check_against_reference(mesh8, "zigzag", "causal_segments", 2, impl="ulysses", heads=HEADS,
                             local=local, fast_compile=True)

@@ -29,12 +29,20 @@ import dataclasses
 from typing import Callable
 
 from lca.layouts import LAYOUTS
-from lca.kernels import allgather, blockwise, linear_parallel, reference, ring, ulysses, xla
+from lca.kernels import (allgather, blockwise, linear_parallel, platform, reference, ring, splash,
+                         ulysses, xla)
 from lca.kernels.local import LocalKernel
 from lca.kernels.masks import MaskSpec
 
 DEFAULT_LOCAL = "blockwise"
 DEFAULT_STRATEGY = "ring"
+
+
+def auto_local() -> str:
+    """The local kernel "auto" names here: the one written for the platform kernels are
+    built for (splash on TPU, pallas_gpu on GPU), else DEFAULT_LOCAL (blockwise on CPU)."""
+    return next((e.name for e in entries("local") if e.platform == platform.current()),
+                DEFAULT_LOCAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +66,8 @@ class Strategy:
     K/V hop around a ring; "allgather": K/V gathered, dK/dV reduce-scattered;
     "alltoall": heads for sequence and back; "alltoall+ring").
     bench_layouts: the layouts the benchmark suite measures it in.
+    view: the `local.Placement` view of the tokens its local kernel sees ("shards",
+    "gathered", "whole"; over the layout's axis), passed as `placement=`.
     baseline: the mesh baseline of the benchmark suite.
     """
 
@@ -71,6 +81,7 @@ class Strategy:
     check: Callable | None = None
     local_heads: Callable | None = None
     axes: int = 1
+    view: str | None = None
     baseline: bool = False
 
     kind = "strategy"
@@ -145,13 +156,16 @@ def baseline(kind: str) -> str | None:
 
 def local_kernel(local=None, *, q=None, k=None, spec: MaskSpec | None = None,
                  strategy: str | None = None) -> LocalKernel:
-    """The local kernel `local` names (None: DEFAULT_LOCAL), checked against a call.
+    """The local kernel `local` names (None: DEFAULT_LOCAL; "auto": `auto_local()`), checked
+    against a call.
 
     With q, k (arrays or shape/dtype structs) and the mask spec, a kernel that
     does not support them raises a ValueError naming the kernel, what it got
     and the local kernels that would work; `strategy` asks for one that can
     run under that strategy.
     """
+    if local == "auto":
+        local = auto_local()
     kernel = local if isinstance(local, LocalKernel) else get(
         DEFAULT_LOCAL if local is None else local, ("local",), "local kernel")
     if q is None:
@@ -167,20 +181,20 @@ def local_kernel(local=None, *, q=None, k=None, spec: MaskSpec | None = None,
 
 
 for _entry in (
-        blockwise.KERNEL, reference.KERNEL, xla.KERNEL,
+        blockwise.KERNEL, reference.KERNEL, xla.KERNEL, splash.KERNEL,
         Strategy("ring", ring.ring_attention, layout_options=ring.layout_options,
-                 communication="ring",
+                 communication="ring", view="shards",
                  doc="K/V shards walk the ring; transfers overlap compute; masked pairs skipped"),
         Strategy("allgather", allgather.allgather_attention, bench_layouts=("zigzag",),
-                 communication="allgather", baseline=True,
+                 communication="allgather", baseline=True, view="gathered",
                  doc="one all-gather of K/V, then the local kernel"),
         Strategy("ulysses", ulysses.ulysses_attention, layout_options=ulysses.layout_options,
                  check=ulysses.check_shapes, local_heads=ulysses.local_heads,
-                 communication="alltoall", bench_layouts=("zigzag",),
+                 communication="alltoall", bench_layouts=("zigzag",), view="whole",
                  doc="all-to-all: the whole sequence of H/n heads on each device"),
         Strategy("usp", ulysses.usp_attention, layout_options=ring.layout_options,
                  check=ulysses.check_shapes, local_heads=ulysses.local_heads,
-                 communication="alltoall+ring", axes=2,
+                 communication="alltoall+ring", axes=2, view="shards",
                  bench_layouts=("zigzag",),
                  doc="all-to-all over the first axis, the ring over the second"),
         LinearFamily("linear", doc="chunked causal linear attention; states cross shards",

@@ -151,7 +151,10 @@ def from_config(config) -> Experiment:
     attention = model.get("attention", registry.DEFAULT_LOCAL)
     if isinstance(attention, str):
         attention = [a.strip() for a in attention.split(",") if a.strip()]
-    model["attention"] = tuple(attention)
+    # "auto" is resolved once, here, so the run records the kernel it ran.
+    model["attention"] = tuple(registry.auto_local() if a == "auto" else a for a in attention)
+    if model.get("local") == "auto":
+        model["local"] = registry.auto_local()
     ev = _fields(EvalConfig, c.get("eval", {}), "eval")
     ev["lengths"] = tuple(int(x) for x in ev.get("lengths", ()))
     mesh = c.get("mesh", {"data": -1})
