@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,18 @@ MASKS = ("bidirectional", "causal", "window", "causal_segments")
 HEADS = {"mha": 4, "gqa": 2}  # kv_heads for 4 query heads
 SEQ_LEN = 64
 BLOCKS = {"block_q": 4, "block_k": 4}  # several tiles per zigzag chunk even at n = 8
+
+
+def interpret_cases():
+    """(strategy, layout, mask, kv_heads of 2 query heads) for a kernel run in Pallas
+    interpret mode, where every case compiles its own kernels: a covering set (the ring
+    meets every layout x mask once, head groupings alternating; the all-gather every mask
+    once, layouts rotating), or with LCA_INTERPRET_FULL=1 the whole product."""
+    if os.environ.get("LCA_INTERPRET_FULL"):
+        return list(itertools.product(("ring", "allgather"), LAYOUTS, MASKS, (2, 1)))
+    ring = [("ring", lay, m, (2, 1)[i % 2])
+            for i, (lay, m) in enumerate(itertools.product(LAYOUTS, MASKS))]
+    return ring + [("allgather", LAYOUTS[i % 3], m, (1, 2)[i % 2]) for i, m in enumerate(MASKS)]
 
 
 def sub_mesh(n, axis="sequence"):
@@ -52,20 +66,21 @@ def mask_kwargs(name, seed, batch, seq_len):
 
 
 @functools.lru_cache(maxsize=None)
-def _case(seed, dtype, seq_len, batch, heads, kv_heads, mask):
+def _case(seed, dtype, seq_len, batch, heads, kv_heads, mask, head_dim=8):
     """Inputs, mask arguments and float64 reference of one case: shared by every
     strategy, local kernel, layout and mesh that computes it."""
     q, k, v, ct = make_inputs(seed, batch=batch, q_len=seq_len, kv_len=seq_len, heads=heads,
-                              kv_heads=kv_heads, head_dim=8, dtype=dtype)
+                              kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
     kwargs = mask_kwargs(mask, seed, batch, seq_len)
     return (q, k, v, ct), kwargs, reference_outputs_and_grads(q, k, v, ct, **kwargs)
 
 
 def check_against_reference(mesh, layout, mask, kv_heads, *, impl="ring", seed=0,
                             dtype=jnp.float32, seq_len=SEQ_LEN, fast_compile=False, batch=2,
-                            heads=4, **options):
+                            heads=4, head_dim=8, **options):
     """Natural-order output and q/k/v gradients equal the float64 reference."""
-    (q, k, v, ct), kwargs, ref = _case(seed, dtype, seq_len, batch, heads, kv_heads, mask)
+    (q, k, v, ct), kwargs, ref = _case(seed, dtype, seq_len, batch, heads, kv_heads, mask,
+                                       head_dim)
     fn = functools.partial(lca.sequence_parallel_attention, mesh=mesh, impl=impl, layout=layout,
                            **kwargs, **{**BLOCKS, **options})
     if fast_compile:  # many mesh x layout x mask cases: see attention_cases.FAST_COMPILE

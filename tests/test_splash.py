@@ -1,16 +1,14 @@
 """Splash attention as a local kernel, in Pallas interpret mode, against the float64 reference.
 
 Interpret mode runs the real kernel code on the CPU and every case compiles
-its own kernels, so the mesh cases are a covering set, not the full product:
-the ring meets every layout x mask once (head groupings alternate), the
-all-gather every mask once (layouts rotate). `LCA_INTERPRET_FULL=1` runs the
-whole product (2 strategies x 3 layouts x 4 masks x 2 groupings; about 6
-minutes on 2 cores).
+its own kernels, so the mesh cases are a covering set (`ring_cases.interpret_cases`);
+`LCA_INTERPRET_FULL=1` runs the whole product (2 strategies x 3 layouts x 4
+masks x 2 groupings).
 """
 
 import itertools
-import os
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -18,25 +16,15 @@ import numpy as np
 import pytest
 from attention_cases import (assert_matches_reference, compiled_outputs_and_grads, make_inputs,
                              mask_kwargs, reference_outputs_and_grads)
-from ring_cases import check_against_reference
+from ring_cases import check_against_reference, interpret_cases, strategy_case
 
 import lca
-from lca.kernels import local, masks, platform, splash
+from lca.kernels import blockwise, local, masks, platform, splash
 
 pytestmark = pytest.mark.filterwarnings("ignore:local kernel 'splash':UserWarning")
 
 LAYOUTS = ("contiguous", "striped", "zigzag")
-MESH_MASKS = ("bidirectional", "causal", "window", "causal_segments")
 SEQ = 1024  # 8 shards of 128 tokens: splash's smallest tile
-
-
-def _mesh_cases():
-    if os.environ.get("LCA_INTERPRET_FULL"):
-        return list(itertools.product(("ring", "allgather"), LAYOUTS, MESH_MASKS, (2, 1)))
-    ring = [("ring", lay, m, (2, 1)[i % 2])
-            for i, (lay, m) in enumerate(itertools.product(LAYOUTS, MESH_MASKS))]
-    gather = [("allgather", LAYOUTS[i % 3], m, (1, 2)[i % 2]) for i, m in enumerate(MESH_MASKS)]
-    return ring + gather
 
 
 @pytest.mark.parametrize("mask,kv_heads", [("bidirectional", 2), ("causal", 4), ("causal", 2),
@@ -71,12 +59,32 @@ def test_bfloat16_matches_reference():
                              jnp.bfloat16, "splash/bfloat16/window")
 
 
-@pytest.mark.parametrize("impl,layout,mask,kv_heads", _mesh_cases())
-def test_strategy_matches_reference(mesh8, impl, layout, mask, kv_heads):
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """splash's blockwise fallback returns NaN: a case that matches the reference ran splash
+    on every step, never the fallback."""
+    def nan(fn):
+        return lambda *a: tuple(jnp.full_like(x, jnp.nan) for x in fn(*a))
+    monkeypatch.setattr(splash, "blockwise", types.SimpleNamespace(
+        forward=nan(blockwise.forward), backward=nan(blockwise.backward)))
+
+
+@pytest.mark.parametrize("impl,layout,mask,kv_heads", interpret_cases())
+def test_strategy_matches_reference(mesh8, no_fallback, impl, layout, mask, kv_heads):
     """splash as the local kernel of ring / allgather over 8 shards, natural order out."""
     check_against_reference(mesh8, layout, mask, kv_heads, impl=impl, local="splash",
                             seq_len=SEQ, batch=1, heads=2, fast_compile=True,
                             block_q=128, block_k=128)
+
+
+@pytest.mark.parametrize("impl,layout", [("ulysses", "striped"), ("usp", "contiguous")])
+def test_all_to_all_strategies_run_splash(no_fallback, impl, layout):
+    """ulysses (the gathered striped sequence in natural order) and usp (the ring over
+    all-to-all groups) hand splash positions it has a static mask for."""
+    mesh, options, heads, kv_heads = strategy_case(impl)
+    check_against_reference(mesh, layout, "causal", kv_heads, impl=impl, local="splash",
+                            seq_len=SEQ, batch=1, heads=heads, fast_compile=True,
+                            block_q=128, block_k=128, **options)
 
 
 @pytest.mark.parametrize("layout,view", list(itertools.product(LAYOUTS, local.VIEWS)))

@@ -109,7 +109,7 @@ def block(length: int, wanted: int) -> int:
 def _branch(cfg: LocalConfig, q_pos, kv_pos) -> _Branch:
     """The splash mask of causal (+ window) attention from q_pos to kv_pos (numpy)."""
     t, s = len(q_pos), len(kv_pos)
-    perm = np.argsort(kv_pos, kind="stable")
+    perm = np.argsort(kv_pos, kind="stable").astype(np.int32)
     sorted_pos = kv_pos[perm]
     hi = np.searchsorted(sorted_pos, q_pos, side="right")
     lo = (np.zeros(t, np.int64) if cfg.spec.window is None else
@@ -258,7 +258,7 @@ def backward(cfg: LocalConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
                 dq, dk, dv = jax.vmap(one)(qs, _take(ks, branch.perm, 2),
                                            _take(vs, branch.perm, 2), seg, lse_h, do_h,
                                            delta_h)
-            inverse = None if branch.perm is None else np.argsort(branch.perm)
+            inverse = None if branch.perm is None else np.argsort(branch.perm).astype(np.int32)
             back = lambda x: _heads_first(_take(x.astype(F32), inverse, 2))
             return _heads_first(dq.astype(F32)) * cfg.scale, back(dk), back(dv)
         return go
