@@ -37,7 +37,7 @@ def test_bad_arguments_are_named(impl, args, kwargs, message):
 
 def test_unknown_impl_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown local kernel 'flash'; known: \['blockwise',"
-                                         r" 'reference', 'xla', 'splash'"):
+                                         r" 'reference', 'xla', 'splash', 'pallas_gpu'\]"):
         lca.attention(Q, KV, KV, impl="flash")
 
 

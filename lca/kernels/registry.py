@@ -29,8 +29,8 @@ import dataclasses
 from typing import Callable
 
 from lca.layouts import LAYOUTS
-from lca.kernels import (allgather, blockwise, linear_parallel, platform, reference, ring, splash,
-                         ulysses, xla)
+from lca.kernels import (allgather, blockwise, linear_parallel, pallas_gpu, platform, reference,
+                         ring, splash, ulysses, xla)
 from lca.kernels.local import LocalKernel
 from lca.kernels.masks import MaskSpec
 
@@ -181,7 +181,7 @@ def local_kernel(local=None, *, q=None, k=None, spec: MaskSpec | None = None,
 
 
 for _entry in (
-        blockwise.KERNEL, reference.KERNEL, xla.KERNEL, splash.KERNEL,
+        blockwise.KERNEL, reference.KERNEL, xla.KERNEL, splash.KERNEL, pallas_gpu.KERNEL,
         Strategy("ring", ring.ring_attention, layout_options=ring.layout_options,
                  communication="ring", view="shards",
                  doc="K/V shards walk the ring; transfers overlap compute; masked pairs skipped"),
