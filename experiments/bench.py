@@ -2,11 +2,15 @@
 
     python experiments/bench.py [--quick] [--part single,mesh,linear,balance,train]
                                 [--out out/bench] [--repeats N] [--figures] [--tables]
+    python experiments/bench.py --part device [--quick] [--out out/bench]
 
 Parts: `single`, `mesh`, `linear` (the suite, `lca/bench/suite.py`), `balance`
 (the ring's critical path per layout, `lca/bench/balance.py`), `train`
 (training tokens per second and the longest context that fits,
-`lca/bench/train.py`); default all. One-device points run in this process,
+`lca/bench/train.py`); default all of these, on the CPU. `device` (run alone, on
+the machine's accelerator: `lca/bench/device.py`) measures lca's TPU/GPU kernel
+beside blockwise and cuDNN/XLA attention; without an accelerator it says so and
+exits 0. One-device points run in this process,
 which has one device; mesh points in a subprocess with --devices emulated
 devices (`lca/bench/figures.py`). Prints one row per point (median and
 min-max spread, ratio to the part's baseline, fraction of the matmul peak
@@ -28,13 +32,14 @@ import time
 import jax
 
 PARTS = ("single", "mesh", "linear", "balance", "train")
+DEVICE_PART = "device"
 
 
 def main(argv=None, figures=False):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small grid: minutes on a laptop")
     parser.add_argument("--part", "--parts", dest="parts", default=",".join(PARTS),
-                        help="comma list of " + str(PARTS))
+                        help="comma list of " + str(PARTS) + ", or device alone")
     parser.add_argument("--out", default=None, help="default out/bench (docs/figures with"
                         " --figures)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per point")
@@ -45,6 +50,13 @@ def main(argv=None, figures=False):
     parser.add_argument("--tables", action="store_true",
                         help="only rewrite the README's and docs/' tables from docs/figures")
     args = parser.parse_args(argv)
+    if DEVICE_PART in args.parts.split(","):
+        if args.parts != DEVICE_PART:
+            parser.error("run --part device alone: the other parts run on the CPU")
+        from lca.bench import device  # noqa: PLC0415
+
+        device.run(args.out or "out/bench", quick=args.quick, repeats=args.repeats or 5)
+        return
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", 1)  # mesh points run in their own process
     from lca.bench import figures as figures_lib  # noqa: PLC0415 -- after the device count
