@@ -18,6 +18,7 @@ from attention_cases import (assert_matches_reference, compiled_outputs_and_grad
                              mask_kwargs, reference_outputs_and_grads)
 from ring_cases import check_against_reference, interpret_cases
 
+import lca
 from lca.kernels import local, masks, pallas_gpu, platform
 from lca.kernels.pallas_gpu import KERNEL
 
@@ -162,6 +163,31 @@ def test_forward_and_backward_lower_to_triton_for_cuda(dtype):
     shapes = [dims.split("x") for dims in re.findall(r"tensor<((?:\d+x)+)\w+>", text)]
     dense = [d for d in shapes if d.count(str(t)) >= 2]
     assert not dense, f"a dense T x S intermediate: {dense[:3]}"
+
+
+def test_lowers_to_triton_inside_the_ring_over_8_shards(mesh8):
+    """The whole sharded program exports for CUDA: the ring's steps call the three Triton
+    kernels, K/V move by collective-permute, no shard-sized T x S tensor."""
+    t = 2048
+    args = [jax.ShapeDtypeStruct((1, t, 4, 64), jnp.bfloat16)] + [
+        jax.ShapeDtypeStruct((1, t, 2, 64), jnp.bfloat16)] * 2
+
+    def loss(q, k, v):
+        return lca.sequence_parallel_attention(q, k, v, mesh=mesh8, impl="ring",
+                                               local="pallas_gpu", layout="zigzag",
+                                               causal=True).astype(jnp.float32).sum()
+    target = "__gpu$xla.gpu.triton"
+    with platform.lowering_for("gpu"):
+        text = jax.export.export(
+            jax.jit(jax.grad(loss, (0, 1, 2))), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(
+                *args).mlir_module()
+    names = set(re.findall(r'name = "(lca_pallas_gpu_\w+)"', text))
+    assert names == {"lca_pallas_gpu_dkv", "lca_pallas_gpu_dq", "lca_pallas_gpu_forward"}
+    assert "collective_permute" in text
+    shard = t // 8
+    dense = re.findall(rf"tensor<(?:\d+x)*{shard}x(?:\d+x)*{shard}x", text)
+    assert not dense, dense[:3]
 
 
 @pytest.mark.parametrize("shape,dtype,blocks,message", [

@@ -6,6 +6,7 @@ suite's kernel list, with no other lca file edited.
 """
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from train_runs import experiment
 
 import lca
 from lca.bench import kernels as bench_kernels
-from lca.kernels import Supports, reference, registry
+from lca.kernels import Supports, platform, reference, registry
 from lca.train import state as state_lib
 from lca.train.evaluate import make_task
 
@@ -135,3 +136,28 @@ def test_a_config_naming_an_unsupporting_local_kernel_is_refused(registered):
         experiment(**{"model.local": "no_window", "model.window": 16})
     with pytest.raises(ValueError, match=r"config.model.local names unknown local kernel 'flash'"):
         experiment(**{"model.local": "flash"})
+
+
+def test_auto_names_the_kernel_written_for_the_platform():
+    """local="auto": blockwise on this CPU, splash on TPU, pallas_gpu on GPU; a config
+    resolves it once, so the run records the kernel it ran."""
+    assert registry.auto_local() == "blockwise"
+    assert registry.local_kernel("auto").name == "blockwise"
+    for target, name in (("tpu", "splash"), ("gpu", "pallas_gpu")):
+        with platform.lowering_for(target):
+            assert registry.auto_local() == name
+            assert registry.get(name).platform == target
+    exp = experiment(**{"model.local": "auto", "model.attention": "auto"})
+    assert (exp.model.local, exp.model.attention) == ("blockwise", ("blockwise",))
+
+
+def test_an_accelerator_kernel_off_its_platform_runs_interpreted_and_says_so_once():
+    platform._WARNED.discard("some_tpu_kernel")
+    with pytest.warns(UserWarning, match="'some_tpu_kernel' is a TPU kernel and runs in Pallas"
+                                         " interpret mode on cpu"):
+        assert platform.interpret("some_tpu_kernel", "tpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert platform.interpret("some_tpu_kernel", "tpu")  # once: no second warning
+    with platform.lowering_for("tpu"):
+        assert not platform.interpret("some_tpu_kernel", "tpu")
