@@ -209,26 +209,38 @@ def _seg_refs(refs, segments):
     return None, None, refs
 
 
+def _key_tile(j, cfg, p, k_ref, v_ref, kv_pos_ref, kv_seg_ref, q_pos, q_seg, masked):
+    """Key tile j: k, v [bk, D] and, for a MASKED tile, its [rows, bk] mask (else None)."""
+    keys = pl.ds(j * p.block_k, p.block_k)
+    mask = None
+    if masked:
+        kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
+        mask = _tile_mask(cfg.spec, p.kv_len, q_pos, kv_pos_ref[keys], q_seg, kv_seg,
+                          j * p.block_k)
+    return k_ref[keys, :], v_ref[keys, :], mask
+
+
+def _logits(q, k, scale, mask):
+    """Scaled float32 logits [rows, bk], -inf where `mask` (if any) hides a key."""
+    s = _dot_nt(q, k) * scale
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
 def _forward_kernel(kinds_ref, q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, *refs,
                     cfg: LocalConfig, p: Plan):
     """One program: rows q_ref [bq, G, D] of one kv head against every key tile of it."""
     q_seg_ref, kv_seg_ref, (o_ref, lse_ref) = _seg_refs(refs, cfg.spec.segments)
-    bk, d = p.block_k, q_ref.shape[-1]
+    d = q_ref.shape[-1]
     qs = [q_ref[:, g, :] for g in range(p.groups)]
     q_pos = q_pos_ref[...]
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
     def update(j, carry, masked):
-        keys = pl.ds(j * bk, bk)
-        k, v = k_ref[keys, :], v_ref[keys, :]
-        if masked:
-            kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
-            mask = _tile_mask(cfg.spec, p.kv_len, q_pos, kv_pos_ref[keys], q_seg, kv_seg, j * bk)
+        k, v, mask = _key_tile(j, cfg, p, k_ref, v_ref, kv_pos_ref, kv_seg_ref, q_pos, q_seg,
+                               masked)
         out = []
         for q, (acc, m, l) in zip(qs, carry):
-            s = _dot_nt(q, k) * cfg.scale
-            if masked:
-                s = jnp.where(mask, s, -jnp.inf)
+            s = _logits(q, k, cfg.scale, mask)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             e = jnp.exp(s - m_safe[:, None])
@@ -252,24 +264,18 @@ def _dq_kernel(kinds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos
                kv_pos_ref, *refs, cfg: LocalConfig, p: Plan):
     """One program: dq of rows [bq, G, D] of one kv head, walking its key tiles."""
     q_seg_ref, kv_seg_ref, (dq_ref,) = _seg_refs(refs, cfg.spec.segments)
-    bk, d = p.block_k, q_ref.shape[-1]
+    d = q_ref.shape[-1]
     heads = [(q_ref[:, g, :], do_ref[:, g, :], lse_ref[:, g], delta_ref[:, g])
              for g in range(p.groups)]
     q_pos = q_pos_ref[...]
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
     def update(j, carry, masked):
-        keys = pl.ds(j * bk, bk)
-        k, v = k_ref[keys, :], v_ref[keys, :]
-        if masked:
-            kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
-            mask = _tile_mask(cfg.spec, p.kv_len, q_pos, kv_pos_ref[keys], q_seg, kv_seg, j * bk)
+        k, v, mask = _key_tile(j, cfg, p, k_ref, v_ref, kv_pos_ref, kv_seg_ref, q_pos, q_seg,
+                               masked)
         out = []
         for (q, do, lse, delta), dq in zip(heads, carry):
-            s = _dot_nt(q, k) * cfg.scale
-            if masked:
-                s = jnp.where(mask, s, -jnp.inf)
-            e = jnp.exp(s - lse[:, None])
+            e = jnp.exp(_logits(q, k, cfg.scale, mask) - lse[:, None])
             ds = e * (_dot_nt(do, v) - delta[:, None])
             out.append(dq + _dot_nn(ds.astype(q.dtype), k))
         return tuple(out)
@@ -296,12 +302,11 @@ def _dkv_kernel(kinds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_po
             q_seg = None if q_seg_ref is None else q_seg_ref[rows]
             mask = _tile_mask(cfg.spec, p.kv_len, q_pos_ref[rows], kv_pos, q_seg, kv_seg,
                               kv_start)
+        else:
+            mask = None
         for g in range(p.groups):
             q, do = q_ref[rows, g, :], do_ref[rows, g, :]
-            s = _dot_nt(q, k) * cfg.scale
-            if masked:
-                s = jnp.where(mask, s, -jnp.inf)
-            e = jnp.exp(s - lse_ref[rows, g][:, None])
+            e = jnp.exp(_logits(q, k, cfg.scale, mask) - lse_ref[rows, g][:, None])
             dv = dv + _dot_tn(e.astype(do.dtype), do)
             ds = e * (_dot_nt(do, v) - delta_ref[rows, g][:, None])
             dk = dk + _dot_tn(ds.astype(q.dtype), q)
