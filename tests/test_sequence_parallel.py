@@ -83,7 +83,8 @@ def _call(mesh=None, *, batch=2, seq_len=64, heads=4, kv_heads=2, **kwargs):
 @pytest.mark.parametrize("kwargs,message", [
     ({"impl": "dense"}, r"unknown sequence-parallel impl 'dense'; known: "
                         + re.escape(str(registry.names("strategy") + registry.names("linear")))),
-    ({"local": "flash"}, r"unknown local kernel 'flash'; known: \['blockwise', 'reference', 'xla'\]"),
+    ({"local": "flash"}, r"unknown local kernel 'flash'; known: "
+                         + re.escape(str(registry.names("local")))),
     ({"local": "xla"}, r"local kernel 'xla' does not support strategy 'ring' \(it gives no"
                        r" log-sum-exp.*would work: \['blockwise', 'reference'\]"),
     ({"layout": "spiral"}, r"layout must be one of \['contiguous', 'striped', 'zigzag'\]"),
