@@ -58,11 +58,12 @@ def attention(q, k, v, *, impl=registry.DEFAULT_LOCAL, causal=False, window=None
     if kernel.direct is not None:
         return kernel.direct(q, k, v, **mask, **options,
                              **({"return_lse": True} if return_lse else {}))
-    natural = positions is None and kv_positions is None
+    # One device: the natural order is the placement a static-mask kernel (splash) is
+    # built for; explicit positions that differ from it run its exact fallback.
     cfg = local_lib.config(kernel, q, k, causal=causal, window=window,
                            segments=segment_ids is not None, scale=scale, block_q=block_q,
-                           block_k=block_k, placement=local_lib.Placement(
-                               "contiguous", q_len, kv_len=kv_len) if natural else None)
+                           block_k=block_k,
+                           placement=local_lib.Placement("contiguous", q_len, kv_len=kv_len))
     arrays = masks_lib.make_mask_arrays(
         batch, q_len, kv_len, positions=positions, kv_positions=kv_positions,
         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)

@@ -50,3 +50,17 @@ def test_the_measuring_path_on_a_stand_in(monkeypatch, tmp_path):
     with open(tmp_path / "bench_device.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     assert "| blockwise | 2/1 | 256 | fwd+bwd |" in device.table(rows)
+
+
+def test_a_point_that_fails_is_a_row_that_says_why(monkeypatch, tmp_path):
+    cpu = jax.devices("cpu")[0]
+    monkeypatch.setattr(device, "accelerator", lambda devices=None: cpu)
+    monkeypatch.setattr(device, "plan", lambda d: ("cpu", [("blockwise", {"impl": "blockwise"})]))
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating 512 GiB\nmore")
+    monkeypatch.setattr(device.timing, "median_seconds", out_of_memory)
+    rows = device.run(tmp_path, lengths=(256,), heads=((2, 1),), repeats=1)
+    assert [r.seconds for r in rows] == [None, None]
+    assert rows[0].note == "RESOURCE_EXHAUSTED: out of memory allocating 512 GiB"
+    assert "did not run: RESOURCE_EXHAUSTED" in device.table(rows)

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from attention_cases import (assert_matches_reference, compiled_outputs_and_grads, make_inputs,
                              mask_kwargs, reference_outputs_and_grads)
+from jax.sharding import PartitionSpec as P
 from ring_cases import check_against_reference, interpret_cases, strategy_case
 
 import lca
 from lca.kernels import blockwise, local, masks, platform, splash
+from lca.kernels.ring import ring_attention
 
 pytestmark = pytest.mark.filterwarnings("ignore:local kernel 'splash':UserWarning")
 
@@ -134,13 +136,35 @@ def test_lowers_for_tpu_alone_and_in_the_ring(mesh8):
         assert not dense, dense[:3]
 
 
-def test_refuses_what_it_cannot_do():
+def test_refuses_what_it_cannot_do(mesh8):
     q = jnp.zeros((1, 200, 2, 16), jnp.float32)
     with pytest.raises(ValueError, match="multiples of 128; the nearest that work: 256"):
         lca.attention(q, q, q, impl="splash", causal=True)
     q = jnp.zeros((1, 256, 2, 16), jnp.float64)
     with pytest.raises(ValueError, match="dtype float64"):
         lca.attention(q, q, q, impl="splash")
-    q = jnp.zeros((1, 256, 2, 16), jnp.float32)
+    q = jnp.zeros((1, 1024, 2, 16), jnp.float32)
+    ring = jax.shard_map(lambda q: ring_attention(q, q, q, axis_name="sequence", local="splash",
+                                                  causal=True),
+                         mesh=mesh8, in_specs=P(None, "sequence"), out_specs=P(None, "sequence"),
+                         check_vma=False)
     with pytest.raises(ValueError, match="builds its causal masks before tracing"):
-        lca.attention(q, q, q, impl="splash", causal=True, positions=jnp.arange(256))
+        jax.eval_shape(ring, q)
+
+
+def test_positions_of_no_placement_run_the_exact_fallback():
+    """On one device explicit positions in natural order run splash; others run blockwise."""
+    q, k, v, ct = make_inputs(2, batch=1, q_len=256, kv_len=256, heads=2, kv_heads=1,
+                              head_dim=16)
+    cfg = local.config(splash.KERNEL, q, k, causal=True, window=None, segments=False,
+                       scale=None, placement=local.Placement("contiguous", 256))
+    plan = splash._plan(cfg, 256, 256)
+    for pos, branch in ((jnp.arange(256), 0), (2 * jnp.arange(256), len(plan.branches))):
+        arrays = masks.make_mask_arrays(1, 256, 256, positions=pos)
+        assert int(splash._select(plan, arrays)) == branch
+    pos = 2 * jnp.arange(256)
+    fn = lambda q, k, v: lca.attention(q, k, v, impl="splash", causal=True, positions=pos)
+    assert_matches_reference(compiled_outputs_and_grads(fn, q, k, v, ct),
+                             reference_outputs_and_grads(q, k, v, ct, causal=True,
+                                                         positions=pos),
+                             jnp.float32, "splash/fallback")

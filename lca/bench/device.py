@@ -58,10 +58,11 @@ class Row:
     kv_heads: int
     seq_len: int
     mode: str
-    seconds: float
-    tflops: float
+    seconds: float | None       # None: it did not run (see note)
+    tflops: float | None
     peak_fraction: float | None
     check_error: float
+    note: str = ""              # why a row did not run (e.g. out of memory)
 
 
 def accelerator(devices=None):
@@ -134,10 +135,15 @@ def run(out_dir=None, *, quick=False, devices=None, repeats=5, lengths=None, hea
     for label, options, h, kv, t, mode in tqdm(todo, desc=f"device part on {device.device_kind}"):
         if (label, h, kv) not in checks:
             checks[label, h, kv] = check_error(options, h, kv, device, dtype)
-        args = _inputs(h, kv, t, dtype, device)
-        seconds = timing.median_seconds(_program(options, mode), *args, repeats=repeats)
         flops = timing.attention_flops(1, t, t, h, HEAD_DIM, causal=True,
                                        backward=mode != "fwd")
+        try:  # a dense kernel at 64k may not fit: a row says so, the part goes on
+            args = _inputs(h, kv, t, dtype, device)
+            seconds = timing.median_seconds(_program(options, mode), *args, repeats=repeats)
+        except Exception as e:  # noqa: BLE001 -- XLA's out-of-memory and compile errors
+            rows.append(Row(platform, device.device_kind, label, h, kv, t, mode, None, None,
+                            None, checks[label, h, kv], str(e).strip().splitlines()[0][:120]))
+            continue
         rows.append(Row(platform, device.device_kind, label, h, kv, t, mode, seconds,
                         flops / seconds / 1e12,
                         None if chip_peak is None else flops / seconds / chip_peak,
@@ -154,8 +160,10 @@ def table(rows) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         frac = "" if r.peak_fraction is None else f"{r.peak_fraction:.0%}"
+        ms = f"{r.seconds * 1e3:.2f}" if r.seconds is not None else f"did not run: {r.note}"
+        tflops = "" if r.tflops is None else f"{r.tflops:.1f}"
         lines.append(f"| {r.kernel} | {r.heads}/{r.kv_heads} | {r.seq_len} | {r.mode} |"
-                     f" {r.seconds * 1e3:.2f} | {r.tflops:.1f} | {frac} | {r.check_error:.1e} |")
+                     f" {ms} | {tflops} | {frac} | {r.check_error:.1e} |")
     return "\n".join(lines)
 
 

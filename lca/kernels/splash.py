@@ -17,9 +17,9 @@ for each pair this module builds the splash mask in index space:
 Equal masks share one splash kernel, so a ring over 8 shards compiles two
 (contiguous: the diagonal and a full pair) to four of them. At run time the
 call's positions are compared with every candidate (O(T + S)), and
-`lax.switch` runs the matching kernel; positions that match none (a caller's
-own positions passed to a strategy) run lca's blockwise kernel: exact, but
-not splash (`branch` tells which runs; a host callback to say so at run time
+`lax.switch` runs the matching kernel; positions that match none (on one
+device, positions other than the natural order; under a strategy, a caller's
+own) run lca's blockwise kernel: exact, but not splash (`branch` tells which runs; a host callback to say so at run time
 would not lower for export).
 Bidirectional attention needs no placement: one FullMask kernel.
 
@@ -175,9 +175,9 @@ def _prepare(cfg: LocalConfig, q, k, v, arrays: MaskArrays):
     if cfg.spec.causal and cfg.placement is None:
         raise ValueError(
             "local kernel 'splash' builds its causal masks before tracing, from where the"
-            " tokens come from (local.Placement): call lca.attention without explicit"
-            " positions, or a strategy that knows its layout (ring, allgather, ulysses);"
-            " for positions known only at run time use 'blockwise' or 'pallas_gpu'")
+            " tokens come from: pass placement=local.Placement(...) to the strategy, or call"
+            " it through lca.attention or lca.sequence_parallel_attention, which do; for"
+            " positions known only at run time use 'blockwise' or 'pallas_gpu'")
     t, s = q.shape[1], k.shape[1]
     plan = _plan(cfg, t, s)
     bq, bkv = block(t, cfg.block_q), block(s, cfg.block_k)
