@@ -29,8 +29,9 @@ scale logits, so q is scaled first and dq by the same factor. The forward
 runs with residuals for the float32 log-sum-exp; the backward is splash's
 fused dq/dk/dv kernel given the row's global log-sum-exp and lca's delta.
 A row that sees no key gets out 0 and lse -inf (splash returns its masked
-softmax there). Outputs come back in the input dtype (splash writes them so),
-then as float32.
+softmax there). Splash writes the output, dk, dv and its per-key-block dq parts
+in the input dtype, so for bfloat16 inputs the protocol's float32 results carry
+bfloat16 rounding.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class _Plan:
     kv_positions: list         # candidate key positions, int32 [S] each
     table: np.ndarray          # int32 [len(q_positions), len(kv_positions)] -> branch
     branches: list             # of _Branch
+    always: int | None = None  # the branch of every call, whatever its positions
 
 
 def block(length: int, wanted: int) -> int:
@@ -129,7 +131,7 @@ def _branch(cfg: LocalConfig, q_pos, kv_pos) -> _Branch:
 def _plan(cfg: LocalConfig, q_len: int, kv_len: int) -> _Plan:
     if not cfg.spec.causal:
         full = _Branch(None, sm.FullMask((q_len, kv_len)))
-        return _Plan([], [], np.zeros((0, 0), np.int32), [full])
+        return _Plan([], [], np.zeros((0, 0), np.int32), [full], always=0)
     q_cands, kv_cands = cfg.placement.candidates()
     q_cands = [p for p in q_cands if len(p) == q_len]
     kv_cands = [p for p in kv_cands if len(p) == kv_len]
@@ -159,8 +161,10 @@ def _splash(mask: sm.Mask, heads: int, bq: int, bkv: int, interpret: bool):
 
 def _select(plan: _Plan, arrays: MaskArrays):
     """int32 branch index for these positions; len(plan.branches) (blockwise) if none fits."""
-    if not plan.q_positions:
-        return jnp.int32(0)
+    if plan.always is not None:
+        return jnp.int32(plan.always)
+    if not plan.q_positions or not plan.kv_positions:  # no candidate has these lengths
+        return jnp.int32(len(plan.branches))
     hit = lambda pos, cands: jnp.stack([jnp.all(pos == jnp.asarray(c)) for c in cands])
     q_hit, kv_hit = hit(arrays.q_pos, plan.q_positions), hit(arrays.kv_pos, plan.kv_positions)
     index = jnp.asarray(plan.table)[jnp.argmax(q_hit), jnp.argmax(kv_hit)]
