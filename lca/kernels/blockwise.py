@@ -33,17 +33,7 @@ from lca.kernels.masks import MaskArrays
 F32 = jnp.float32
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def _pad_to(x, length, axis):
-    pad = length - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
+_cdiv, _pad_to = masks_lib.cdiv, masks_lib.pad_to
 
 
 def _q_blocks(x_BTHD, bq, kv_heads):
@@ -111,12 +101,7 @@ class _Tiles:
         self.q_pos, self.q_seg = _len_blocks(arrays.q_pos, bq), _len_blocks(arrays.q_seg, bq)
         self.kv_pos, self.kv_seg = _len_blocks(arrays.kv_pos, bk), _len_blocks(arrays.kv_seg, bk)
         self.kv_valid = (jnp.arange(self.nk * bk) < self.kv_len).reshape(self.nk, bk)
-        pad = lambda x, n: None if x is None else _pad_to(x, n, 1)
-        q_stats = masks_lib.block_stats(
-            pad(arrays.q_pos, self.nq * bq), pad(arrays.q_seg, self.nq * bq), bq, self.q_len)
-        kv_stats = masks_lib.block_stats(
-            pad(arrays.kv_pos, self.nk * bk), pad(arrays.kv_seg, self.nk * bk), bk, self.kv_len)
-        self.kinds = masks_lib.classify_blocks(cfg.spec, q_stats, kv_stats)  # [nq, nk]
+        self.kinds = masks_lib.classify_tiles(cfg.spec, arrays, bq, bk)  # [nq, nk]
 
     def mask(self, i, j):
         """Bool [B, 1, 1, bq, bk] for query block i and key block j."""

@@ -101,6 +101,29 @@ def block_stats(pos, seg, block: int, length: int) -> BlockStats:
     return BlockStats(pos_min, pos_max, seg_min, seg_max, ~valid.all(-1))
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pad_to(x, length: int, axis: int = 1):
+    """x zero-padded along `axis` to `length` (None stays None)."""
+    if x is None or x.shape[axis] == length:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def classify_tiles(spec: MaskSpec, arrays: MaskArrays, block_q: int, block_k: int):
+    """int32 [nq, nk] SKIP / MASKED / FULL of every (query tile, key tile) pair of a call,
+    its lengths padded to whole tiles (padding is never visible)."""
+    q_len, kv_len = arrays.q_pos.shape[1], arrays.kv_pos.shape[1]
+    qn, kn = cdiv(q_len, block_q) * block_q, cdiv(kv_len, block_k) * block_k
+    q = block_stats(pad_to(arrays.q_pos, qn), pad_to(arrays.q_seg, qn), block_q, q_len)
+    kv = block_stats(pad_to(arrays.kv_pos, kn), pad_to(arrays.kv_seg, kn), block_k, kv_len)
+    return classify_blocks(spec, q, kv)
+
+
 def classify_blocks(spec: MaskSpec, q: BlockStats, kv: BlockStats):
     """int32 [nq, nk] of SKIP / MASKED / FULL for every (query, key) block pair.
 

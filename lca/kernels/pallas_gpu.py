@@ -67,10 +67,6 @@ def interpret_mode() -> bool:
 
 # --- tiles and checks -----------------------------------------------------------------------
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 def _pow2(n):
     return n > 0 and n & (n - 1) == 0
 
@@ -135,23 +131,12 @@ def plan(cfg: LocalConfig, q, k) -> Plan:
     return Plan(bq, bk, t, s, _cdiv(t, bq), _cdiv(s, bk), kh, h // kh)
 
 
-def _pad_to(x, length, axis=1, fill=0):
-    if x is None or x.shape[axis] == length:
-        return x
-    pad = length - x.shape[axis]
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=fill)
+_cdiv, _pad_to = masks_lib.cdiv, masks_lib.pad_to
 
 
 def _kinds(spec: MaskSpec, p: Plan, arrays: MaskArrays):
-    """int32 [nq, nk] SKIP / MASKED / FULL of every tile pair (see masks.classify_blocks)."""
-    pad = lambda x, n: None if x is None else _pad_to(x, n)
-    q_stats = masks_lib.block_stats(pad(arrays.q_pos, p.q_pad), pad(arrays.q_seg, p.q_pad),
-                                    p.block_q, p.q_len)
-    kv_stats = masks_lib.block_stats(pad(arrays.kv_pos, p.kv_pad), pad(arrays.kv_seg, p.kv_pad),
-                                     p.block_k, p.kv_len)
-    return masks_lib.classify_blocks(spec, q_stats, kv_stats)
+    """int32 [nq, nk] SKIP / MASKED / FULL of every tile pair, exactly as blockwise's."""
+    return masks_lib.classify_tiles(spec, arrays, p.block_q, p.block_k)
 
 
 def tile_schedule(cfg: LocalConfig, q, k, arrays: MaskArrays):
