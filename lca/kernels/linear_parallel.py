@@ -174,7 +174,7 @@ def _unfold_segments(x, m):
 
 
 def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout="contiguous",
-                           log_decay=None, normalize=False, chunk_size=64):
+                           log_decay=None, normalize=False, chunk_size=64, return_state=False):
     """This shard's part of causal linear attention over the whole `axis_name` axis.
 
     Call inside `jax.shard_map`; the global sequence is the shards' local
@@ -189,9 +189,14 @@ def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout=
       layout: "contiguous" or "zigzag" (T even: two halves, chunks r and 2n-1-r).
       log_decay: None, [H] or [B, T, H] (this shard's tokens), <= 0.
       normalize, chunk_size: as in `lca.linear_attention`.
+      return_state: also return the state after the last token of the whole
+        sequence, [B, H, K, V] ([B, H, K, V + 1] with normalize), float32, the
+        same on every shard (one all-reduce sum: only the shard holding the
+        last segment contributes); a decoding cache starts from it.
 
     Returns:
-      [B, T, H, V] in q's dtype: this shard's rows of the global output.
+      [B, T, H, V] in q's dtype: this shard's rows of the global output (and
+      with return_state the final state).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}; got {algorithm!r}")
@@ -223,7 +228,14 @@ def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout=
     num, _ = linear_chunked.chunked(q, k, v, g, zero, int(chunk_size))
     # 3. The incoming state, read through each query's decay since its segment began.
     out = _read_incoming(num, q, g, incoming.reshape(zero.shape), normalize, int(chunk_size))
-    return _unfold_segments(out, m)
+    out = _unfold_segments(out, m)
+    if not return_state:
+        return out
+    # The last segment in global order: shard n-1's only one, or zigzag's B_0 on shard 0.
+    gamma_last, state_last = pairs[0][m - 1], pairs[1][m - 1]
+    final = jnp.exp(gamma_last)[..., None, None] * incoming[m - 1] + state_last
+    owner = (n - 1) if m == 1 else 0
+    return out, lax.psum(jnp.where(r == owner, final, 0), axis_name)
 
 
 def _read_incoming(num, q, g, incoming, normalize, chunk_size):

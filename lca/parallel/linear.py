@@ -14,6 +14,7 @@ output back.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -59,7 +60,8 @@ def _check(q, k, v, *, mesh, axis, layout, algorithm, log_decay, normalize, chun
 
 def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contiguous",
                                positions=None, algorithm="allgather", log_decay=None,
-                               normalize=False, chunk_size=64, rules=None, **options):
+                               normalize=False, chunk_size=64, rules=None, return_state=False,
+                               **options):
     """Causal linear attention with the sequence split over `axis` of `mesh`.
 
     Args:
@@ -75,10 +77,14 @@ def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contig
         (n - 1 ppermute hops, LASP) or "doubling" (log2(n) ppermute rounds).
       log_decay: None, [H], or [B, T, H] in layout order; <= 0.
       normalize, chunk_size: as in `lca.linear_attention`.
+      return_state: also return the state after the last token, [B, H, K, V]
+        ([B, H, K, V + 1] with normalize) float32, heads placed as q's,
+        replicated over the sequence axes (what a decoding cache holds).
       **options: `causal=True` is accepted; anything else raises.
 
     Returns:
-      [B, T, H, V] in q's dtype, in layout order, sharded like q.
+      [B, T, H, V] in q's dtype, in layout order, sharded like q (and with
+      return_state the final state).
     """
     del positions
     _check(q, k, v, mesh=mesh, axis=axis, layout=layout, algorithm=algorithm,
@@ -102,11 +108,22 @@ def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contig
             log_decay = _decay_heads(log_decay, a2a)
         out = linear_attention_shard(q, k, v, axis_name=ring, algorithm=algorithm,
                                      layout=layout, log_decay=log_decay, normalize=normalize,
-                                     chunk_size=chunk_size)
-        return out if a2a is None else ulysses.scatter_tokens(out, a2a)
+                                     chunk_size=chunk_size, return_state=return_state)
+        out, state = out if return_state else (out, None)
+        out = out if a2a is None else ulysses.scatter_tokens(out, a2a)
+        if not return_state:
+            return out
+        if a2a is not None:  # this device's H / n heads -> all the heads its ring shard had
+            h = state.shape[1]
+            whole = jnp.zeros((state.shape[0], h * lax.axis_size(a2a)) + state.shape[2:],
+                              state.dtype)
+            whole = lax.dynamic_update_slice_in_dim(whole, state, lax.axis_index(a2a) * h, 1)
+            state = lax.psum(whole, a2a)  # a gather that types as replicated over a2a
+        return out, state
 
+    out_specs = (out_spec, P(q_spec[0], q_spec[2])) if return_state else out_spec
     return jax.shard_map(shard, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, decay_spec),
-                         out_specs=out_spec)(q, k, v, log_decay)
+                         out_specs=out_specs)(q, k, v, log_decay)
 
 
 def _decay_heads(log_decay, axis_name):
