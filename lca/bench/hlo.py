@@ -78,12 +78,12 @@ def group_size(line):
 
 def callees(op, line):
     """[(computation, times per execution)] an instruction runs: a while body its known trip
-    count, a call or fusion once (a conditional's branches: see `branches`)."""
+    count (None when unknown: a loop whose bound is data), a call or fusion once (a
+    conditional's branches: see `branches`)."""
     if op == "while":
         trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-        if not trip:
-            raise ValueError(f"a while loop without a known trip count: {line[:200]}")
-        return [(re.search(r"body=%([\w.\-]+)", line).group(1), int(trip.group(1)))]
+        return [(re.search(r"body=%([\w.\-]+)", line).group(1),
+                 int(trip.group(1)) if trip else None)]
     return [(name, 1) for name in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line)]
 
 
@@ -117,7 +117,12 @@ def sent_bytes(text):
             if is_collective(op):
                 total += times * type_size(typ)[1] * share(op.removesuffix("-start"), line)
             inner = [(b, 1) for b in branches(line)] if op == "conditional" else callees(op, line)
-            total += sum(walk(c, times * trip) for c, trip in inner)
+            for c, trip in inner:
+                once = walk(c, times)
+                if trip is None and once:
+                    raise ValueError(f"collectives in a while loop without a known trip"
+                                     f" count: {line[:200]}")
+                total += once * (trip or 0)
         return total
 
     return int(round(walk(entry, 1)))
