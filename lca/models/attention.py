@@ -42,11 +42,33 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTE, positions_BT, mask_positions, segment_ids,
                  ctx: ShardingContext | None):
-        q, k, v = self.qkv(x_BTE, positions_BT)
-        q = constrain(q, ("batch", "length", "heads", "head_dim"), ctx)
-        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"), ctx)
-        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"), ctx)
+        q, k, v = self._qkv(x_BTE, positions_BT, ctx)
         out_BTHD = kernels.adapter(self.call.name)(q, k, v, self.call, ctx, mask_positions,
                                                    segment_ids, self.kernel_params)
+        return self._out(out_BTHD, ctx)
+
+    def prefill(self, x_BTE, positions_BT, mask_positions, ctx: ShardingContext | None):
+        """(the layer's output, its cache entry: K/V [B, T, K, D] in layout order, or a
+        linear layer's final state)."""
+        q, k, v = self._qkv(x_BTE, positions_BT, ctx)
+        out_BTHD, entry = kernels.adapter(self.call.name).prefill(
+            q, k, v, self.call, ctx, mask_positions, self.kernel_params)
+        return self._out(out_BTHD, ctx), entry
+
+    def decode(self, x_B1E, entry, view, ctx: ShardingContext | None):
+        """One new token per sequence, at position `view.length`: (output [B, 1, E], entry)."""
+        positions = jnp.broadcast_to(view.length, x_B1E.shape[:2])
+        q, k, v = self._qkv(x_B1E, positions, ctx)
+        out_B1HD, entry = kernels.adapter(self.call.name).decode(
+            q, k, v, entry, view, self.call, ctx, self.kernel_params)
+        return self._out(out_B1HD, ctx), entry
+
+    def _qkv(self, x_BTE, positions_BT, ctx):
+        q, k, v = self.qkv(x_BTE, positions_BT)
+        return (constrain(q, ("batch", "length", "heads", "head_dim"), ctx),
+                constrain(k, ("batch", "length", "kv_heads", "head_dim"), ctx),
+                constrain(v, ("batch", "length", "kv_heads", "head_dim"), ctx))
+
+    def _out(self, out_BTHD, ctx):
         out_BTHD = constrain(out_BTHD, ("batch", "length", "heads", "head_dim"), ctx)
-        return jnp.einsum("bthd,hde->bte", out_BTHD, self.wo[...].astype(x_BTE.dtype))
+        return jnp.einsum("bthd,hde->bte", out_BTHD, self.wo[...].astype(out_BTHD.dtype))

@@ -19,6 +19,11 @@ A layer builds one `KernelCall` from its config (the mask spec, the layout,
 the local kernel, the tiles, the linear options) and passes it, with the
 sharding context and the positions and segment ids of its tokens in layout
 order, to `adapter(name)`. K and V keep their K heads throughout.
+
+For inference each adapter also has `prefill` (the same call, plus what the
+layer's cache keeps: K/V for a softmax kernel, the final state for a linear
+one) and `decode` (one new token against that cache entry; softmax kinds by
+`lca.kernels.decode`, over the sharded cache on a mesh).
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lca.attention import attention as local_attention
+from lca.kernels import decode as decode_lib
 from lca.kernels import feature_maps, registry
-from lca.kernels.linear import linear_attention
+from lca.kernels.linear import linear_attention, linear_attention_step
 from lca.kernels.masks import MaskSpec
 from lca.models.config import LinearOptions, ModelConfig
 from lca.models.layers import param
-from lca.parallel.sequence import attention_in_layout
-from lca.parallel.sharding import ShardingContext
+from lca.parallel.linear import attention_in_layout_linear
+from lca.parallel.sequence import KV_TOKENS, TOKENS, attention_in_layout
+from lca.parallel.sharding import ShardingContext, activation_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,21 +84,48 @@ def _sharded(ctx: ShardingContext | None) -> bool:
     return ctx is not None and ctx.total_sequence_shards > 1
 
 
-class LocalAdapter:
-    """A local kernel on the tokens this program holds."""
+def cache_specs(ctx: ShardingContext, q_shape, k_shape, cache_shape):
+    """(one token's q spec, its k/v spec, the K/V cache spec) on ctx's mesh: batch and heads
+    as the activation rules say, the cache's slots over the sequence axes (ring-major)."""
+    rules, mesh, axes = ctx.activation_rules, ctx.mesh, ctx.sequence_axes
+    return (activation_spec(TOKENS, rules, mesh, q_shape),
+            activation_spec(KV_TOKENS, rules, mesh, k_shape),
+            activation_spec(KV_TOKENS, rules, mesh, cache_shape, axes))
+
+
+class SoftmaxAdapter:
+    """What every softmax kind shares: its cache entry is the layer's K/V."""
 
     def params(self, config, rngs):
         return None
+
+    def prefill(self, q, k, v, call, ctx, positions, params):
+        return self(q, k, v, call, ctx, positions, None, params), (k, v)
+
+    def decode(self, q, k, v, entry, view, call, ctx, params):
+        """q [B, 1, H, D], k, v [B, 1, K, D] of the token at `view.length` ->
+        (out [B, 1, H, D], the entry with the token written)."""
+        k_cache, v_cache = entry
+        args = (q, k, v, k_cache, v_cache, view.positions, view.length, view.prefilled)
+        options = dict(window=call.spec.window, block=view.tile)
+        if not _sharded(ctx):
+            out, k_cache, v_cache = decode_lib.attend_cache(*args, **options)
+        else:
+            out, k_cache, v_cache = decode_lib.attend_cache(
+                *args, **options, mesh=ctx.mesh, axes=ctx.sequence_axes,
+                specs=cache_specs(ctx, q.shape, k.shape, k_cache.shape))
+        return out, (k_cache, v_cache)
+
+
+class LocalAdapter(SoftmaxAdapter):
+    """A local kernel on the tokens this program holds."""
 
     def __call__(self, q, k, v, call, ctx, positions, segment_ids, params):
         return _one_device(call.name, q, k, v, call, positions, segment_ids)
 
 
-class StrategyAdapter:
+class StrategyAdapter(SoftmaxAdapter):
     """A strategy over the sequence axis, or its local kernel alone on one sequence shard."""
-
-    def params(self, config, rngs):
-        return None
 
     def __call__(self, q, k, v, call, ctx, positions, segment_ids, params):
         if not _sharded(ctx):
@@ -155,16 +189,33 @@ class LinearAdapter:
         if segment_ids is not None:
             raise ValueError(f"kernel {call.name!r} does not take segment ids (packed"
                              " documents); use a softmax kernel for config.data.task='text'")
+        return self._run(q, k, v, call, ctx, params, return_state=False)
+
+    def prefill(self, q, k, v, call, ctx, positions, params):
+        """(out, the state after the last token): the cache entry, replicated over the
+        sequence axes."""
+        return self._run(q, k, v, call, ctx, params, return_state=True)
+
+    def decode(self, q, k, v, entry, view, call, ctx, params):
+        """One recurrent step from the cached state; no collective on any sequence axis."""
+        lin = call.linear
+        q, k = params.feature_map(lin.feature_map, q), params.feature_map(lin.feature_map, k)
+        out, state = linear_attention_step(entry, q[:, 0], k[:, 0], v[:, 0],
+                                           log_decay=params.log_decay(),
+                                           normalize=lin.normalize)
+        return out[:, None], state
+
+    def _run(self, q, k, v, call, ctx, params, return_state):
         lin = call.linear
         q, k = params.feature_map(lin.feature_map, q), params.feature_map(lin.feature_map, k)
         options = dict(log_decay=params.log_decay(), normalize=lin.normalize,
-                       chunk_size=lin.chunk_size)
+                       chunk_size=lin.chunk_size, return_state=return_state)
         if not _sharded(ctx):
             return linear_attention(q, k, v, **options)
         axis = ctx.strategy_axis(call.name, 0)  # one axis, or two as under usp
-        return attention_in_layout(
-            q, k, v, mesh=ctx.mesh, axis=axis, impl=call.name, layout=call.layout,
-            causal=True, positions=positions, rules=ctx.activation_rules, **options)
+        return attention_in_layout_linear(q, k, v, mesh=ctx.mesh, axis=axis,
+                                          layout=call.layout, rules=ctx.activation_rules,
+                                          **options)
 
 
 ADAPTERS = {"local": LocalAdapter(), "strategy": StrategyAdapter(), "linear": LinearAdapter()}

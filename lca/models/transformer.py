@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lca.models import cache as cache_lib
 from lca.models.attention import Attention
 from lca.models.config import ModelConfig
 from lca.models.layers import RMSNorm, SwiGLU, param
@@ -31,9 +32,19 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(config.embed, config.mlp, rngs=rngs)
 
     def __call__(self, x_BTE, positions_BT, mask_positions, segment_ids, ctx):
-        x_BTE = x_BTE + self.attn(self.attn_norm(x_BTE), positions_BT, mask_positions,
-                                  segment_ids, ctx)
-        x_BTE = constrain(x_BTE, ACT, ctx)
+        return self._mlp(x_BTE, self.attn(self.attn_norm(x_BTE), positions_BT, mask_positions,
+                                          segment_ids, ctx), ctx)
+
+    def prefill(self, x_BTE, positions_BT, mask_positions, ctx):
+        h, entry = self.attn.prefill(self.attn_norm(x_BTE), positions_BT, mask_positions, ctx)
+        return self._mlp(x_BTE, h, ctx), entry
+
+    def decode(self, x_B1E, entry, view, ctx):
+        h, entry = self.attn.decode(self.attn_norm(x_B1E), entry, view, ctx)
+        return self._mlp(x_B1E, h, ctx), entry
+
+    def _mlp(self, x_BTE, attended_BTE, ctx):
+        x_BTE = constrain(x_BTE + attended_BTE, ACT, ctx)
         x_BTE = x_BTE + self.mlp(self.mlp_norm(x_BTE), ctx)
         return constrain(x_BTE, ACT, ctx)
 
@@ -44,6 +55,10 @@ class Transformer(nnx.Module):
     tokens, positions, segment_ids: int [B, T], all in the model's layout order.
     positions may be None (then 0..T-1) for the contiguous layout or on one sequence shard.
     ctx: a `ShardingContext` (mesh and activation rules), or None on one device.
+
+    Inference (`lca.models.cache`): `prefill(tokens, capacity=C, ctx=ctx)` ->
+    (last-token logits [B, V], Cache); `decode(cache, tokens_B, ctx=ctx)` ->
+    (next-token logits [B, V], Cache). `lca.generate` drives both.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -90,10 +105,24 @@ class Transformer(nnx.Module):
                 x_BTE = jax.checkpoint(run)(state, x_BTE)
             else:
                 x_BTE = block(x_BTE, positions_BT, mask_positions, segment_ids_BT, ctx)
+        return self.logits(x_BTE, ctx)
+
+    def logits(self, x_BTE, ctx: ShardingContext | None = None):
+        """Final norm and output head: [B, T, E] -> float32 logits [B, T, V]."""
         x_BTE = self.final_norm(x_BTE)
-        w_EV = self.embed[...].T if cfg.tied_embeddings else self.head[...]
+        w_EV = self.embed[...].T if self.config.tied_embeddings else self.head[...]
         logits_BTV = jnp.einsum("bte,ev->btv", x_BTE.astype(F32), w_EV)
         return constrain(logits_BTV, ("batch", "length", "vocab"), ctx)
+
+    def prefill(self, tokens_BT, *, capacity: int, ctx: ShardingContext | None = None):
+        """(float32 logits of the last prompt token [B, V], a Cache of `capacity` slots);
+        tokens in natural order. See `lca.models.cache.prefill`."""
+        return cache_lib.prefill(self, tokens_BT, capacity, ctx)
+
+    def decode(self, cache, tokens_B, ctx: ShardingContext | None = None):
+        """(float32 logits [B, V] of the token after `tokens_B`, the cache with them
+        appended). See `lca.models.cache.decode`."""
+        return cache_lib.decode(self, cache, tokens_B, ctx)
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT):
