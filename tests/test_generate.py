@@ -210,3 +210,21 @@ def test_sampling_follows_the_key_and_top_k():
     assert not np.array_equal(one, other)
     top1 = lca.generate(model, p, 8, temperature=1.0, top_k=1, rng=jax.random.key(3))
     np.testing.assert_array_equal(top1, lca.generate(model, p, 8))  # top-1 is greedy
+
+
+def test_the_all_gathered_cache_baseline_gives_the_same_logits(mesh2x4):
+    """The benchmarks' baseline decodes the same: it only moves more."""
+    model = model_for(("ring",), "zigzag")
+    ctx = generation.context(mesh2x4)
+    state = generation._on_mesh(nnx.state(model), mesh2x4)
+    graphdef = nnx.graphdef(model)
+    p = prompt(length=16)
+    step = lambda gather: jax.jit(lambda s, c, t: nnx.merge(graphdef, s).decode(
+        c, t, ctx=ctx, gather_cache=gather))
+    _, cache = jax.jit(lambda s, t: nnx.merge(graphdef, s).prefill(t, capacity=32, ctx=ctx))(
+        state, p)
+    merged, gathered = step(False), step(True)
+    a, b = merged(state, cache, p[:, 0])[0], gathered(state, cache, p[:, 0])[0]
+    assert relative_error(b, a) <= F32
+    texts = [f.lower(state, cache, p[:, 0]).compile().as_text() for f in (merged, gathered)]
+    assert "all-gather" in texts[1] and "all-gather" not in texts[0]

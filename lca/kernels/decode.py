@@ -140,11 +140,18 @@ def _shard_index(axis_names):
 
 
 def _shard_step(q, k_new, v_new, k_cache, v_cache, kv_pos, length, prefilled, *, axis_names,
-                shards, window, scale, block):
-    """One shard: write the token at index `length`, attend its query to this slice, merge."""
+                shards, window, scale, block, gather):
+    """One shard: write the token at index `length`, attend its query to this slice, merge
+    (or, with `gather`, the baseline: all-gather every slice and attend to all of it)."""
     r = _shard_index(axis_names)
     k_cache = write(k_cache, k_new, length, prefilled, r, shards)
     v_cache = write(v_cache, v_new, length, prefilled, r, shards)
+    if gather and axis_names:
+        whole = [lax.all_gather(x, axis_names, axis=a, tiled=True)
+                 for x, a in ((k_cache, 1), (v_cache, 1), (kv_pos, 0))]
+        out, _ = attend_slice(q, *whole, length[None], whole[0].shape[1], window=window,
+                              scale=scale, block=block)
+        return out.astype(q.dtype), k_cache, v_cache
     out, lse = attend_slice(q, k_cache, v_cache, kv_pos, length[None], used_slots(
         r, length + 1, prefilled, shards), window=window, scale=scale, block=block)
     return merge_shards(out, lse, axis_names).astype(q.dtype), k_cache, v_cache
@@ -152,7 +159,7 @@ def _shard_step(q, k_new, v_new, k_cache, v_cache, kv_pos, length, prefilled, *,
 
 def attend_cache(q, k_new, v_new, k_cache, v_cache, positions, length, prefilled, *,
                  window=None, scale=None, block=DEFAULT_BLOCK, mesh=None, axes=(),
-                 specs=None):
+                 specs=None, gather=False):
     """One decode step of one softmax layer: (out [B, 1, H, D], k_cache, v_cache).
 
     q: [B, 1, H, D], k_new, v_new: [B, 1, K, D], the new token at sequence
@@ -162,21 +169,25 @@ def attend_cache(q, k_new, v_new, k_cache, v_cache, positions, length, prefilled
     `specs` = (q spec, new k/v spec, cache spec) place batch and heads; the
     token's q/k/v are replicated over `axes`. Nothing of the cache moves: each shard
     writes the token if it is its turn, attends to its own used slots, and
-    `merge_shards` combines them.
+    `merge_shards` combines them. gather=True is the baseline the benchmarks
+    compare with: every shard all-gathers the whole cache each step and
+    attends to all of it (its output is replicated, not merged).
     """
     if mesh is None or not axes:
         return _shard_step(q, k_new, v_new, k_cache, v_cache, positions, length, prefilled,
-                           axis_names=(), shards=1, window=window, scale=scale, block=block)
+                           axis_names=(), shards=1, window=window, scale=scale, block=block,
+                           gather=False)
     shards = 1
     for a in axes:
         shards *= mesh.shape[a]
     q_spec, kv_spec, cache_spec = specs
     fn = functools.partial(_shard_step, axis_names=tuple(axes), shards=shards, window=window,
-                           scale=scale, block=block)
+                           scale=scale, block=block, gather=gather)
     return jax.shard_map(
         fn, mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, cache_spec, cache_spec, P(tuple(axes)), P(), P()),
-        out_specs=(q_spec, cache_spec, cache_spec))(
+        out_specs=(q_spec, cache_spec, cache_spec),
+        check_vma=not gather)(  # an all-gather's result types as varying; it is replicated
             q, k_new, v_new, k_cache, v_cache, positions, length, prefilled)
 
 

@@ -69,6 +69,7 @@ class CacheView(NamedTuple):
     length: jax.Array        # int32 []: the new token's index (= its position)
     prefilled: jax.Array     # int32 []
     tile: int
+    gather: bool = False     # the all-gathered-cache baseline (`decode.attend_cache`)
 
 
 @jax.tree_util.register_dataclass
@@ -219,8 +220,12 @@ def check(cache: Cache, model, ctx: ShardingContext | None):
                          f" on {show(mesh_key(ctx))}; decode on the mesh prefill used")
 
 
-def decode(model, cache: Cache, tokens_B, ctx: ShardingContext | None = None):
+def decode(model, cache: Cache, tokens_B, ctx: ShardingContext | None = None, *,
+           gather_cache: bool = False):
     """(float32 logits [B, V] of the next token, the cache with `tokens_B` appended).
+
+    gather_cache: the baseline that all-gathers each layer's cache every step
+    instead of merging the shards' partials (benchmarks compare the two).
 
     tokens_B: int [B], the token at sequence index `cache.length`. Under jit
     the capacity cannot be checked: a cache that is full is overwritten in its
@@ -232,7 +237,7 @@ def decode(model, cache: Cache, tokens_B, ctx: ShardingContext | None = None):
     mesh = ctx.mesh if _sharded(ctx) else None
     positions = decode_lib.write_position(cache.positions, cache.length, cache.prefilled,
                                           mesh=mesh, axes=axes)
-    view = CacheView(positions, cache.length, cache.prefilled, cache.meta.tile)
+    view = CacheView(positions, cache.length, cache.prefilled, cache.meta.tile, gather_cache)
     x = model.embed_tokens(jnp.asarray(tokens_B)[:, None])
     layers = []
     for block, entry in zip(model.blocks, cache.layers):

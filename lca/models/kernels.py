@@ -113,7 +113,7 @@ class SoftmaxAdapter:
         else:
             out, k_cache, v_cache = decode_lib.attend_cache(
                 *args, **options, mesh=ctx.mesh, axes=ctx.sequence_axes,
-                specs=cache_specs(ctx, q.shape, k.shape, k_cache.shape))
+                specs=cache_specs(ctx, q.shape, k.shape, k_cache.shape), gather=view.gather)
         return out, (k_cache, v_cache)
 
 

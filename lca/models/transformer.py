@@ -119,10 +119,11 @@ class Transformer(nnx.Module):
         tokens in natural order. See `lca.models.cache.prefill`."""
         return cache_lib.prefill(self, tokens_BT, capacity, ctx)
 
-    def decode(self, cache, tokens_B, ctx: ShardingContext | None = None):
+    def decode(self, cache, tokens_B, ctx: ShardingContext | None = None, *,
+               gather_cache: bool = False):
         """(float32 logits [B, V] of the token after `tokens_B`, the cache with them
         appended). See `lca.models.cache.decode`."""
-        return cache_lib.decode(self, cache, tokens_B, ctx)
+        return cache_lib.decode(self, cache, tokens_B, ctx, gather_cache=gather_cache)
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT):
