@@ -106,15 +106,14 @@ def _check(model, prompt, steps, temperature, top_k, rng, capacity):
 
 
 def _on_mesh(state, mesh):
-    """The model's parameters on `mesh`: kept where they are if already there, else
-    replicated over it."""
-    devices = set(mesh.devices.flat)
+    """The model's parameters on `mesh`: kept where they are if already placed on it (as
+    `lca.load(mesh=mesh)` places them), else replicated over it."""
     replicated = NamedSharding(mesh, P())
 
     def put(x):
         sharding = getattr(x, "sharding", None)
-        return x if sharding is not None and sharding.device_set == devices else \
-            jax.device_put(x, replicated)
+        on_it = isinstance(sharding, NamedSharding) and sharding.mesh == mesh
+        return x if on_it else jax.device_put(x, replicated)
 
     return jax.tree.map(put, state)
 

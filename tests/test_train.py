@@ -1,6 +1,7 @@
 """Training: loss goes down, exact resume, checkpoints restored onto other meshes, bad input."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -12,6 +13,8 @@ from lca.parallel import make_mesh
 from lca.train import evaluate_checkpoint, load, train
 from lca.train import state as state_lib
 from lca.train.checkpoint import checkpoint_dir
+from lca.train.metrics import MetricsWriter
+from lca.train.plots import plot_run
 from train_runs import experiment, smoke_run
 
 
@@ -80,6 +83,22 @@ def test_evaluate_a_checkpoint_on_another_mesh():
     step, metrics = evaluate_checkpoint(workdir, mesh_axes={"sequence": 8})
     assert step == 8
     assert metrics == pytest.approx(result.evals)
+
+
+def test_generated_passkey_accuracy_is_the_scored_one_and_is_drawn(tmp_path):
+    """Greedy generation gets every digit right exactly when the argmax of one forward does
+    (each step's input is then the true digit), so at the lengths both score they agree."""
+    workdir, _ = smoke_run()
+    step, metrics = evaluate_checkpoint(workdir, mesh_axes={"sequence": 8},
+                                        generate_multiples=(1, 2))
+    assert metrics["eval/generated_accuracy@64"] == metrics["eval/accuracy@64"]
+    assert 0 <= metrics["eval/generated_accuracy@128"] <= 1
+    run = shutil.copytree(workdir, tmp_path / "run")
+    writer = MetricsWriter(str(run), tensorboard=False, enabled=True)
+    writer.write(step, {k: v for k, v in metrics.items() if "generated" in k})
+    writer.close()
+    os.remove(run / "summary.png")
+    assert os.path.exists(plot_run(str(run)))
 
 
 def test_workdir_with_another_model_shape_is_refused_before_overwriting():

@@ -5,6 +5,12 @@ at the training length, by depth bin. Text: validation loss and bits per
 byte. Evaluation batches come from their own stream (stream 1) of the run's
 seed, which training (stream 0) never draws from; text uses the validation
 files.
+
+`generated_passkey` scores passkey retrieval the way a user meets it: the
+prompt ends at the question, the model generates the key (greedy, through
+the KV cache, `lca.generate`), and a key counts only if every digit is right.
+It runs at several times the training length, on a mesh that shards the
+cache over its sequence axis.
 """
 
 from __future__ import annotations
@@ -114,10 +120,46 @@ class Evaluator:
         return out
 
 
+def generated_passkey(model, exp: Experiment, lengths, mesh=None, log=None) -> dict:
+    """{"eval/generated_accuracy@L": accuracy} for each length L: the held-out passkey
+    examples `Evaluator.retrieval` scores at L (the same seeds and depths), cut after the
+    question marker, the key generated greedily; on `mesh` (None: one device)."""
+    import lca  # noqa: PLC0415
+
+    if exp.data.task != "passkey":
+        raise ValueError(f"generated evaluation is for config.data.task='passkey'; this run's"
+                         f" task is {exp.data.task!r}")
+    ev, task, n = exp.eval, make_task(exp), exp.data.key_len
+    out = {}
+    for length in lengths:
+        correct = []
+        for i in range(ev.batches):
+            rng = batch_rng(exp.seed, i + 1000 * length, EVAL_STREAM)
+            depths = (np.arange(ev.batch_size) + rng.uniform(size=ev.batch_size)) / ev.batch_size
+            tokens = task.batch(rng, ev.batch_size, seq_len=length, depth=depths)["tokens"]
+            answer = lca.generate(model, tokens[:, :length - n], n, mesh=mesh)
+            correct.append((answer == tokens[:, length - n:]).all(axis=1))
+        out[f"eval/generated_accuracy@{length}"] = float(np.concatenate(correct).mean())
+        if log is not None:
+            log(f"generated passkey accuracy at {length} tokens:"
+                f" {out[f'eval/generated_accuracy@{length}']:.4f}")
+    return out
+
+
+def generation_mesh():
+    """Every device on the sequence axis: the cache sharded as far as it goes."""
+    import jax  # noqa: PLC0415
+
+    from lca.parallel import make_mesh  # noqa: PLC0415
+    return None if len(jax.devices()) == 1 else make_mesh({"sequence": len(jax.devices())})
+
+
 def evaluate_checkpoint(workdir: str, step: int | None = None, mesh_axes: dict | None = None,
-                        log=None):
+                        log=None, generate_multiples=()):
     """(step, metrics) of a checkpoint, on `mesh_axes` (default: the run's own mesh if the
-    device count fits, else one device); `log(line)` is told the mesh used."""
+    device count fits, else one device); `log(line)` is told the mesh used.
+    generate_multiples: also `generated_passkey` at these multiples of the training
+    length, on `generation_mesh()`."""
     import jax
 
     from lca.parallel import make_mesh
@@ -134,4 +176,11 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, mesh_axes: dict |
     if log is not None:
         log(f"mesh: {dict(mesh.shape)} ({mesh.size} of {len(jax.devices())} devices)")
     model, exp, step = load(workdir, step, mesh=mesh)
-    return step, Evaluator(exp, state_lib.context(exp, mesh))(model)
+    metrics = Evaluator(exp, state_lib.context(exp, mesh))(model)
+    if generate_multiples:
+        lengths = [int(m * exp.data.seq_len) for m in generate_multiples]
+        gen_mesh = generation_mesh()
+        if log is not None:
+            log(f"generating on {dict(gen_mesh.shape) if gen_mesh else 'one device'}")
+        metrics.update(generated_passkey(model, exp, lengths, gen_mesh, log))
+    return step, metrics
