@@ -25,6 +25,8 @@ def test_explore_checkpoint_notebook_executes(tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
     assert "step 8:" in text and "eval/accuracy" in text and "model says" in text
+    code = "".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "lca.generate(" in code  # the continuation goes through the KV cache
     assert "read only" not in text + result.stderr  # Orbax's warning on every load is quieted
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the attention map was not drawn"

@@ -1,14 +1,13 @@
-"""Looking inside a model on one device: attention maps and greedy continuation.
+"""Looking inside a model on one device: attention maps.
 
-Both work in natural token order (a contiguous layout on one device), which
-is what `lca.load` gives by default.
+In natural token order (a contiguous layout on one device), which is what
+`lca.load` gives by default. Generation is `lca.generate` (through the KV cache).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lca.models.transformer import Transformer
 
@@ -33,15 +32,3 @@ def attention_weights(model: Transformer, tokens_BT, layer: int):
     causal = jnp.tril(jnp.ones((t, t), bool))
     return jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
 
-
-def greedy_continue(model: Transformer, tokens_BT, start: int, steps: int):
-    """Replaces tokens[:, start:start + steps] by greedy predictions, one at a time.
-
-    The whole fixed-length buffer runs each step (one compilation); causality
-    makes the not-yet-written positions irrelevant. Returns int32 [B, steps].
-    """
-    tokens = jnp.asarray(tokens_BT, jnp.int32)
-    forward = jax.jit(lambda tok: jnp.argmax(model(tok), axis=-1))
-    for i in range(start, start + steps):
-        tokens = tokens.at[:, i].set(forward(tokens)[:, i - 1].astype(jnp.int32))
-    return np.asarray(tokens[:, start:start + steps])
