@@ -66,3 +66,18 @@ def test_the_traceback_is_there_when_asked_for(tmp_path):
     result = subprocess.run(TRAIN + ["--workdir", str(tmp_path), "--config.model.window=-3"],
                             capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_generate_runs_on_a_checkpoint_and_refuses_text_for_a_passkey_model():
+    from train_runs import smoke_run  # noqa: PLC0415 (a training run, only for this test)
+
+    workdir, _ = smoke_run()
+    command = [sys.executable, os.path.join(REPO, "experiments", "generate.py"), "--workdir",
+               workdir]
+    result = _run(command + ["--mesh", "sequence=8", "--cpu_devices", "8"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "to generate on mesh {'sequence': 8}" in result.stdout
+    assert "model says   :" in result.stdout and "hidden answer:" in result.stdout
+    refused = _run(command + ["--prompt", "hello"])
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        "error: this run's task is 'passkey'"), refused.stderr[-2000:]
