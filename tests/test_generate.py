@@ -196,6 +196,8 @@ def test_bad_arguments_name_both_sides(mesh2x4):
     _, cache = model.prefill(p, capacity=32)
     with pytest.raises(ValueError, match="layers: cache 2 vs model 3"):
         model_for(("ring",), "zigzag", layers=3).decode(cache, p[:, 0])
+    with pytest.raises(ValueError, match=r"shape \(2,\); got shape \(2, 1\)"):
+        model.decode(cache, p[:, :1])
     with pytest.raises(ValueError, match=r"sharded for one device, but decode runs on mesh"):
         model.decode(cache, p[:, 0], ctx=generation.context(mesh2x4))
 

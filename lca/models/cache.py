@@ -233,6 +233,9 @@ def decode(model, cache: Cache, tokens_B, ctx: ShardingContext | None = None, *,
     `lca.generate` does before it starts).
     """
     check(cache, model, ctx)
+    if tuple(np.shape(tokens_B)) != (cache.meta.batch,):
+        raise ValueError(f"decode takes one token per sequence of the cache's batch, shape"
+                         f" ({cache.meta.batch},); got shape {tuple(np.shape(tokens_B))}")
     axes = ctx.sequence_axes if _sharded(ctx) else ()
     mesh = ctx.mesh if _sharded(ctx) else None
     positions = decode_lib.write_position(cache.positions, cache.length, cache.prefilled,
