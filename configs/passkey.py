@@ -47,7 +47,10 @@ def base_config():
         block_k=128,
         tied_embeddings=False, rope_base=10000.0, norm_eps=1e-6, remat=False, dtype="float32",
         linear=ml_collections.ConfigDict(dict(
-            feature_map="elu1", decay=True, normalize=False, chunk_size=64, hedgehog_dim=0))))
+            feature_map="elu1", decay=True, normalize=False, chunk_size=64, hedgehog_dim=0)),
+        sparse=ml_collections.ConfigDict(dict(
+            num_buckets=4, keep=0.5, capacity_factor=1.25, block=64, sample_size=64,
+            min_seq_len=0))))
     c.data = ml_collections.ConfigDict(dict(
         task="passkey", seq_len=1024, vocab_size=128, key_len=4, num_pairs=16, num_queries=8,
         validation_percent=5, max_bytes=0,

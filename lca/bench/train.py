@@ -48,8 +48,10 @@ def speed_kernels():
 
 
 def memory_kernels():
-    """Every registry name the model can train with that the suite measures."""
-    return [e.name for e in registry.entries() if e.kind != "local" or e.bench]
+    """Every registry name the model can train with across a sequence mesh that the suite
+    measures (sparse kernels run on one sequence shard: `experiments/bench.py --part sparse`)."""
+    return [e.name for e in registry.entries()
+            if e.kind in ("strategy", "linear") or e.kind == "local" and e.bench]
 
 
 def with_kernel(exp, kernel: str, seq_len: int, batch: int):

@@ -4,7 +4,7 @@
     registry.names("local")       # ['blockwise', 'reference', 'xla']
     registry.register(my_kernel)  # a LocalKernel, Strategy or LinearFamily
 
-Three kinds of entry:
+Four kinds of entry:
 
   local     `local.LocalKernel`: what runs on the tokens one device holds
             (forward / backward of the local-kernel protocol), with what it
@@ -15,6 +15,9 @@ Three kinds of entry:
             with a local kernel it is handed.
   linear    `LinearFamily`: causal linear attention, its own family (a state,
             not a softmax, crosses shards), with its state-exchange algorithms.
+  sparse    `SparseKernel`: causal attention under a sparsity the layer decides
+            from its own q and k (hash buckets, dropped tokens, HyperAttention's
+            sampling; `lca.sparse`, `lca.models.sparse`), on one sequence shard.
 
 Everything that lists kernels reads this table: `lca.attention`,
 `lca.sequence_parallel_attention`, the model's adapters and config checks,
@@ -109,15 +112,28 @@ class LinearFamily:
     kind = "linear"
 
 
-KINDS = ("local", "strategy", "linear")
+@dataclasses.dataclass(frozen=True)
+class SparseKernel:
+    """A sparse or approximate causal kernel of `lca.sparse` a model layer can name; its
+    options are `config.model.sparse` and `lca.models.sparse` runs it. exact: it computes
+    exact attention under its (sparser) mask; False for an approximation."""
+
+    name: str
+    doc: str
+    exact: bool = True
+
+    kind = "sparse"
+
+
+KINDS = ("local", "strategy", "linear", "sparse")
 _TABLE: dict[str, LocalKernel | Strategy | LinearFamily] = {}
 
 
 def register(entry):
     """Adds an entry; a name already in the table raises a ValueError."""
     if getattr(entry, "kind", None) not in KINDS:
-        raise ValueError(f"registry entries are LocalKernel, Strategy or LinearFamily;"
-                         f" got {type(entry).__name__}")
+        raise ValueError(f"registry entries are LocalKernel, Strategy, LinearFamily or"
+                         f" SparseKernel; got {type(entry).__name__}")
     if entry.name in _TABLE:
         raise ValueError(f"attention kernel {entry.name!r} is already registered"
                          f" (as a {_TABLE[entry.name].kind} entry); choose another name")
@@ -199,5 +215,7 @@ for _entry in (
                  doc="all-to-all over the first axis, the ring over the second"),
         LinearFamily("linear", doc="chunked causal linear attention; states cross shards",
                      layouts=linear_parallel.LAYOUTS, algorithms=linear_parallel.ALGORITHMS,
-                     default_algorithm="allgather")):
+                     default_algorithm="allgather"),
+        SparseKernel("hash_sparse", doc="causal attention within angular-LSH buckets of q and k"),
+        SparseKernel("qk_drop", doc="causal attention among the queries and keys kept")):
     register(_entry)

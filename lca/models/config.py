@@ -22,6 +22,18 @@ class LinearOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class SparseOptions:
+    """Options of the sparse kernels (`lca.models.sparse`): hash_sparse, qk_drop, hyper."""
+
+    num_buckets: int = 4          # hash_sparse: LSH buckets per head
+    keep: float = 0.5             # qk_drop: the fraction of queries and of keys kept
+    capacity_factor: float = 1.25  # qk_drop: slots per head = factor * keep * length
+    block: int = 64               # hyper: block-diagonal block of the sorted order
+    sample_size: int = 64         # hyper: sampled key columns
+    min_seq_len: int = 0          # hyper: exact below this length; 0: its default
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer.
 
@@ -48,6 +60,7 @@ class ModelConfig:
     block_q: int = 0              # tile lengths; 0 = the local kernel's default
     block_k: int = 0
     linear: LinearOptions = LinearOptions()
+    sparse: SparseOptions = SparseOptions()
     tied_embeddings: bool = False
     rope_base: float = 10000.0
     norm_eps: float = 1e-6

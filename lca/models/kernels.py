@@ -13,7 +13,9 @@ with nothing added here:
             (`lca.parallel.sequence.attention_in_layout`); with one sequence
             shard, that local kernel alone;
   linear    causal linear attention; its adapter owns the layer's kernel
-            parameters (`LinearParams`: decay, feature-map weights).
+            parameters (`LinearParams`: decay, feature-map weights);
+  sparse    a sparse kernel (`lca.models.sparse`): buckets or kept tokens from
+            the layer's own q and k, on one sequence shard.
 
 A layer builds one `KernelCall` from its config (the mask spec, the layout,
 the local kernel, the tiles, the linear options) and passes it, with the
@@ -39,7 +41,7 @@ from lca.kernels import decode as decode_lib
 from lca.kernels import feature_maps, registry
 from lca.kernels.linear import linear_attention, linear_attention_step
 from lca.kernels.masks import MaskSpec
-from lca.models.config import LinearOptions, ModelConfig
+from lca.models.config import LinearOptions, ModelConfig, SparseOptions
 from lca.models.layers import param
 from lca.parallel.linear import attention_in_layout_linear
 from lca.parallel.sequence import KV_TOKENS, TOKENS, attention_in_layout
@@ -61,12 +63,14 @@ class KernelCall:
     block_q: int | None
     block_k: int | None
     linear: LinearOptions
+    sparse: SparseOptions = SparseOptions()
 
     @classmethod
     def from_config(cls, config: ModelConfig, name: str) -> "KernelCall":
         adapter(name)  # unknown names fail here, before anything is traced
         return cls(name, config.local, MaskSpec(True, config.window or None), config.layout,
-                   config.block_q or None, config.block_k or None, config.linear)
+                   config.block_q or None, config.block_k or None, config.linear,
+                   config.sparse)
 
     def tiles(self):
         return {k: v for k, v in (("block_q", self.block_q), ("block_k", self.block_k))
@@ -223,4 +227,8 @@ ADAPTERS = {"local": LocalAdapter(), "strategy": StrategyAdapter(), "linear": Li
 
 def adapter(name: str):
     """The adapter for the registry entry `name`; a ValueError lists the known names."""
-    return ADAPTERS[registry.get(name, where=" in config.model.attention").kind]
+    kind = registry.get(name, where=" in config.model.attention").kind
+    if kind == "sparse":
+        from lca.models.sparse import SparseAdapter  # noqa: PLC0415 (lca.sparse imports lca)
+        return SparseAdapter(name)
+    return ADAPTERS[kind]

@@ -1,5 +1,8 @@
-"""Sparse and approximate causal attention: hash buckets, query/key dropping, HyperAttention."""
+"""Sparse and approximate causal attention: hash buckets, query/key dropping, HyperAttention
+(`lca.sparse.hyper`)."""
 
-from lca.sparse.bucketed import bucketed_attention, dropped_attention, hash_buckets
+from lca.sparse.bucketed import (bucketed_attention, buckets_from, dropped_attention,
+                                 hash_buckets, rotation_for)
 
-__all__ = ["bucketed_attention", "dropped_attention", "hash_buckets"]
+__all__ = ["bucketed_attention", "buckets_from", "dropped_attention", "hash_buckets",
+           "rotation_for"]

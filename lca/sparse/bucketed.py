@@ -201,7 +201,7 @@ def _capacity(capacity, t):
 
 def dropped_attention(q, k, v, q_keep, k_keep, *, capacity, causal=True, segment_ids=None,
                       positions=None, impl="blockwise", scale=None, block_q=None,
-                      block_k=None):
+                      block_k=None, overflow="raise"):
     """Causal attention among kept queries and keys: [B, T, H, D] in q's dtype.
 
     Args:
@@ -209,10 +209,12 @@ def dropped_attention(q, k, v, q_keep, k_keep, *, capacity, causal=True, segment
       q_keep: bool [B, T, H]; k_keep: bool [B, T, K]: which tokens each (kv)
         head keeps.
       capacity: kept slots per head, an int or (queries, keys), 1 .. T; the
-        kernel runs on these many tokens. With concrete keep masks, more kept
-        tokens than that raises a ValueError here. Under tracing the first
-        `capacity` kept tokens in order are attended and later kept ones are
-        treated as dropped (tests/test_sparse.py checks this).
+        kernel runs on these many tokens. The first `capacity` kept tokens of a
+        head, in order, are attended; later kept ones are treated as dropped
+        (tests/test_sparse.py checks this). overflow="raise" (the default)
+        refuses concrete keep masks that keep more than that, with a
+        ValueError; "drop" accepts them (a model layer's choice: the overflow
+        then depends on earlier tokens only, so it stays causal).
       causal, segment_ids, positions, impl, scale, block_q, block_k: as for
         `bucketed_attention`.
 
@@ -228,8 +230,10 @@ def dropped_attention(q, k, v, q_keep, k_keep, *, capacity, causal=True, segment
     _check_ids("q_keep", q_keep, [(b, t, h)], kinds="bool")
     _check_ids("k_keep", k_keep, [(b, t, kh)], kinds="bool")
     cq, ck = _capacity(capacity, t)
+    if overflow not in ("raise", "drop"):
+        raise ValueError(f"overflow must be 'raise' or 'drop'; got {overflow!r}")
     for name, keep, c in (("q_keep", q_keep, cq), ("k_keep", k_keep, ck)):
-        if not isinstance(keep, jax.core.Tracer):
+        if overflow == "raise" and not isinstance(keep, jax.core.Tracer):
             most = int(np.asarray(keep).sum(axis=1).max())
             if most > c:
                 raise ValueError(f"{name} keeps up to {most} tokens of a head, over the"

@@ -17,7 +17,7 @@ import numpy as np
 from lca import layouts
 from lca.kernels import registry
 from lca.kernels.masks import MaskSpec
-from lca.models.config import FEATURE_MAPS, LinearOptions, ModelConfig
+from lca.models.config import FEATURE_MAPS, LinearOptions, ModelConfig, SparseOptions
 from lca.parallel.mesh import resolve_sizes
 from lca.parallel.sequence import check_length
 from lca.parallel.sharding import MESH_AXES, check_rules
@@ -86,6 +86,7 @@ class Experiment:
     def from_dict(cls, d: dict) -> "Experiment":
         m = dict(d["model"])
         m["linear"] = LinearOptions(**m["linear"])
+        m["sparse"] = SparseOptions(**m.get("sparse", {}))  # runs saved before it existed
         m["attention"] = tuple(m["attention"])
         ev = dict(d["eval"], lengths=tuple(d["eval"]["lengths"]))
         data = dict(d["data"], curriculum=tuple(tuple(x) for x in d["data"]["curriculum"]))
@@ -148,6 +149,8 @@ def from_config(config) -> Experiment:
     model = _fields(ModelConfig, c["model"], "model")
     model["linear"] = LinearOptions(**_fields(LinearOptions, model.get("linear", {}),
                                               "model.linear"))
+    model["sparse"] = SparseOptions(**_fields(SparseOptions, model.get("sparse", {}),
+                                              "model.sparse"))
     attention = model.get("attention", registry.DEFAULT_LOCAL)
     if isinstance(attention, str):
         attention = [a.strip() for a in attention.split(",") if a.strip()]
@@ -179,6 +182,16 @@ def validate(exp: Experiment, num_devices: int | None = None) -> None:
     if m.linear.feature_map not in FEATURE_MAPS:
         raise ValueError(f"config.model.linear.feature_map {m.linear.feature_map!r} is unknown;"
                          f" known: {FEATURE_MAPS}")
+    sp = m.sparse
+    for name, ok, want in (("num_buckets", sp.num_buckets >= 1, "an integer >= 1"),
+                           ("keep", 0 < sp.keep <= 1, "in (0, 1]"),
+                           ("capacity_factor", sp.capacity_factor > 0, "> 0"),
+                           ("block", sp.block >= 1, "an integer >= 1"),
+                           ("sample_size", sp.sample_size >= 1, "an integer >= 1"),
+                           ("min_seq_len", sp.min_seq_len >= 0, "an integer >= 0")):
+        if not ok:
+            raise ValueError(f"config.model.sparse.{name} is {getattr(sp, name)!r}; it must be"
+                             f" {want}")
     if m.heads % m.kv_heads:
         raise ValueError(f"config.model.heads ({m.heads}) must be a multiple of"
                          f" config.model.kv_heads ({m.kv_heads})")

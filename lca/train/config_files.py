@@ -46,10 +46,12 @@ def fit_mesh(c, entry) -> None:
     """Reshapes `c.mesh`, on the same devices, so a strategy can run: one that takes two
     axes gets the sequence split into (ulysses 2, sequence / 2); one whose `check` refuses
     the heads over the sequence axis gets the largest sequence size it takes, the rest of
-    the devices going to `data`."""
+    the devices going to `data`; a sparse kernel, sequence 1 (its devices to `tensor`)."""
     mesh = {axis: int(size) for axis, size in dict(c.mesh).items()}
     seq = mesh.get("sequence", 1)
-    if getattr(entry, "axes", 1) == 2:
+    if entry.kind == "sparse":  # one sequence shard: the sequence devices split the heads
+        mesh.update(tensor=mesh.get("tensor", 1) * seq, sequence=1)
+    elif getattr(entry, "axes", 1) == 2:
         if "ulysses" not in mesh and seq % 2 == 0:
             mesh = {a: s for a, s in mesh.items() if a != "sequence"}
             mesh.update(ulysses=2, sequence=seq // 2)
