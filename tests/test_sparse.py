@@ -66,8 +66,10 @@ def f64(*xs):
 DOCS = np.repeat(np.arange(3), [11, 25, 9])[None].repeat(B, 0).astype(np.int32)
 
 
-@pytest.mark.parametrize("buckets,docs", [(1, False), (4, False), (4, True), (8, True)])
-def test_bucketed_equals_the_reference_with_buckets_as_segments(buckets, docs):
+@pytest.mark.parametrize("buckets,docs,aligned", [(1, False, False), (4, False, False),
+                                                  (4, False, True), (8, False, True),
+                                                  (4, True, False), (8, True, False)])
+def test_bucketed_equals_the_reference_with_buckets_as_segments(buckets, docs, aligned):
     q, k, v, ct = inputs()
     qb = np.asarray(sparse.hash_buckets(q, buckets, jax.random.key(0)))
     kb = np.asarray(sparse.hash_buckets(k, buckets, jax.random.key(0)))
@@ -75,7 +77,8 @@ def test_bucketed_equals_the_reference_with_buckets_as_segments(buckets, docs):
         qb, kb = np.where(qb == 3, 2, qb), np.where(kb == 3, 2, kb)
     seg = DOCS if docs else None
     got = with_grads(lambda q, k, v: sparse.bucketed_attention(
-        q, k, v, qb, kb, segment_ids=seg, block_q=8, block_k=16), q, k, v, ct)
+        q, k, v, qb, kb, segment_ids=seg, block_q=8, block_k=16,
+        num_buckets=buckets if aligned else None), q, k, v, ct)
     q_seg = qb + (100 * DOCS[..., None] if docs else 0)
     k_seg = kb + (100 * DOCS[..., None] if docs else 0)
     assert_close(got, with_grads(reference(q_seg, k_seg), *f64(q, k, v, ct)),

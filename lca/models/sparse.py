@@ -124,7 +124,8 @@ class SparseAdapter:
             rot = fixed["k_rotation"]
             qb = sparse_lib.buckets_from(q, _per_query_head(rot, h), opts.num_buckets)
             kb = sparse_lib.buckets_from(k, rot, opts.num_buckets)
-            return sparse_lib.bucketed_attention(q, k, v, qb, kb, **common)
+            return sparse_lib.bucketed_attention(q, k, v, qb, kb, num_buckets=opts.num_buckets,
+                                                 **common)
         if self.name == "qk_drop":
             n = _drop_buckets(opts.keep)
             q_keep = sparse_lib.buckets_from(

@@ -32,6 +32,9 @@ import numpy as np
 from jax import lax
 
 from lca.attention import attention
+from lca.kernels import local as local_lib
+from lca.kernels import registry
+from lca.kernels.masks import _BIG
 from lca.kernels.validation import check_attention_args
 
 INVISIBLE_Q, INVISIBLE_K = -1, -2  # segment ids of empty slots: they never meet
@@ -87,8 +90,9 @@ def _permuted_attention(q, k, v, q_order, q_seg, k_order, k_seg, positions, *, i
                         scale, block_q, block_k):
     """Attention of the tokens q_order / k_order pick, per head, with those segment ids.
 
-    q_order, q_seg: int32 [B, H, Cq] (indices into T; T for an empty slot);
-    k_order, k_seg: int32 [B, K, Ck] (indices into S; S for an empty slot);
+    q_order, q_seg: int32 [B, H, Cq] (indices into T; T for an empty slot, which
+    sits at position -BIG); k_order, k_seg: int32 [B, K, Ck] (indices into S; S
+    for an empty slot, at position +BIG: no query sees it);
     positions: int32 [B, T] and [B, S] of the tokens (natural). Returns
     [B, T, H, D]: each picked query's output at its place, zeros elsewhere.
     """
@@ -100,10 +104,11 @@ def _permuted_attention(q, k, v, q_order, q_seg, k_order, k_seg, positions, *, i
                                                 axis=2)
     qs = take(_heads_first(q), q_order)                    # [B, H, Cq, D]
     ks, vs = take(_heads_first(k), k_order), take(_heads_first(v), k_order)
-    qp = jnp.take_along_axis(jnp.broadcast_to(q_pos[:, None], (b, h, t)),
-                             jnp.minimum(q_order, t - 1), axis=2)
-    kp = jnp.take_along_axis(jnp.broadcast_to(k_pos[:, None], (b, kh, s)),
-                             jnp.minimum(k_order, s - 1), axis=2)
+    # Empty slots: a query before every key, a key after every query (seen by none).
+    qp = jnp.where(q_order < t, jnp.take_along_axis(jnp.broadcast_to(q_pos[:, None], (b, h, t)),
+                                                    jnp.minimum(q_order, t - 1), axis=2), -_BIG)
+    kp = jnp.where(k_order < s, jnp.take_along_axis(jnp.broadcast_to(k_pos[:, None], (b, kh, s)),
+                                                    jnp.minimum(k_order, s - 1), axis=2), _BIG)
     cq, ck = q_order.shape[2], k_order.shape[2]
     # The G heads of a kv head end to end: one [G Cq] query sequence per (batch, kv head).
     fold = lambda x: x.reshape((b * kh, g * cq) + x.shape[3:])
@@ -124,6 +129,33 @@ def _permuted_attention(q, k, v, q_order, q_seg, k_order, k_seg, positions, *, i
     return jnp.moveaxis(placed, 1, 2)
 
 
+def _sorted(buckets_BHL):
+    """(order, segment ids) [B, H, L]: each head's tokens stably sorted by bucket."""
+    order = jnp.argsort(buckets_BHL, axis=2, stable=True).astype(jnp.int32)
+    return order, jnp.take_along_axis(buckets_BHL, order, axis=2)
+
+
+def _tile_aligned(buckets_BHL, num_buckets: int, tile: int):
+    """(order, segment ids) [B, H, P]: sorted by bucket, each bucket's run padded to whole
+    tiles (P = L + num_buckets (tile - 1), rounded up to a tile), so no tile holds two
+    buckets and a tile pair of two buckets is skipped outright. Empty slots hold index L
+    and the bucket of their run (num_buckets past the last)."""
+    b, h, length = buckets_BHL.shape
+    total = -(-(length + num_buckets * (tile - 1)) // tile) * tile
+    ids = jnp.arange(num_buckets, dtype=jnp.int32)
+    counts = (buckets_BHL[..., None] == ids).sum(axis=2).astype(jnp.int32)   # [B, H, nb]
+    ends = jnp.cumsum(-(-counts // tile) * tile, axis=-1)
+    starts = ends - -(-counts // tile) * tile
+    order, seg = _sorted(buckets_BHL)
+    before = jnp.cumsum(counts, axis=-1) - counts                            # tokens in lower buckets
+    rank = jnp.arange(length, dtype=jnp.int32) - jnp.take_along_axis(before, seg, axis=2)
+    slot = jnp.take_along_axis(starts, seg, axis=2) + rank
+    rows, heads = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+    aligned = jnp.full((b, h, total), length, jnp.int32).at[rows, heads, slot].set(order)
+    region = (jnp.arange(total, dtype=jnp.int32)[:, None] >= ends[..., None, :]).sum(-1)
+    return aligned, region.astype(jnp.int32)
+
+
 def _positions(positions, b, length, name):
     if positions is None:
         return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
@@ -142,8 +174,8 @@ def _kv_ids(ids, name, b, s, h, kh):
 
 
 def bucketed_attention(q, k, v, q_buckets, k_buckets, *, causal=True, segment_ids=None,
-                       positions=None, impl="blockwise", scale=None, block_q=None,
-                       block_k=None):
+                       positions=None, num_buckets=None, impl="blockwise", scale=None,
+                       block_q=None, block_k=None):
     """Causal attention within hash buckets: [B, T, H, D] in q's dtype.
 
     Args:
@@ -154,7 +186,12 @@ def bucketed_attention(q, k, v, q_buckets, k_buckets, *, causal=True, segment_id
       segment_ids: int [B, T] packed documents (query and key): the bucket
         then applies within a document.
       positions: int [T] or [B, T]; default arange.
-      impl: the local kernel (`lca.kernels.registry`); block_q / block_k its tiles.
+      num_buckets: the buckets' count, when known (ids in 0 .. num_buckets - 1):
+        each bucket's run is then padded to whole tiles, so no tile straddles
+        two buckets and every tile pair of different buckets is skipped
+        (without it, or with segment_ids, tiles at bucket edges are MASKED).
+      impl: the local kernel (`lca.kernels.registry`); block_q / block_k its
+        tiles (default the kernel's, at most T).
 
     A query that sees no key gets zeros. Differentiable in q, k, v.
     """
@@ -173,10 +210,18 @@ def bucketed_attention(q, k, v, q_buckets, k_buckets, *, causal=True, segment_id
         doc = jnp.asarray(segment_ids, jnp.int32)[..., None]
         q_buckets, k_buckets = doc * span + q_buckets, doc * span + k_buckets
     pos = _positions(positions, b, t, "positions")
-    q_order = jnp.argsort(_heads_first(q_buckets), axis=2, stable=True).astype(jnp.int32)
-    k_order = jnp.argsort(_heads_first(k_buckets), axis=2, stable=True).astype(jnp.int32)
-    q_seg = jnp.take_along_axis(_heads_first(q_buckets), q_order, axis=2)
-    k_seg = jnp.take_along_axis(_heads_first(k_buckets), k_order, axis=2)
+    if num_buckets is not None and segment_ids is None:
+        if isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer)) \
+                or num_buckets < 1:
+            raise ValueError(f"num_buckets must be None or an integer >= 1; got {num_buckets!r}")
+        default = local_lib.default_tiles(registry.local_kernel(impl), 1) or t
+        block_q, block_k = (min(x or default, t) for x in (block_q, block_k))
+        (q_order, q_seg), (k_order, k_seg) = (
+            _tile_aligned(_heads_first(q_buckets), num_buckets, block_q),
+            _tile_aligned(_heads_first(k_buckets), num_buckets, block_k))
+    else:
+        (q_order, q_seg), (k_order, k_seg) = (_sorted(_heads_first(q_buckets)),
+                                              _sorted(_heads_first(k_buckets)))
     return _permuted_attention(q, k, v, q_order, q_seg, k_order, k_seg, (pos, pos), impl=impl,
                                causal=causal, scale=scale, block_q=block_q,
                                block_k=block_k).astype(q.dtype)
