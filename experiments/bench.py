@@ -2,12 +2,17 @@
 
     python experiments/bench.py [--quick] [--part single,mesh,linear,balance,train]
                                 [--out out/bench] [--repeats N] [--figures] [--tables]
+    python experiments/bench.py --part decode [--quick] [--out out/bench]
     python experiments/bench.py --part device [--quick] [--out out/bench]
 
 Parts: `single`, `mesh`, `linear` (the suite, `lca/bench/suite.py`), `balance`
 (the ring's critical path per layout, `lca/bench/balance.py`), `train`
 (training tokens per second and the longest context that fits,
-`lca/bench/train.py`); default all of these, on the CPU. `device` (run alone, on
+`lca/bench/train.py`); default all of these, on the CPU. `decode` (only when
+named, alone or with others: about 5 minutes) measures per-token decode
+latency with the KV cache against recomputing the forward, on one device and
+sharded over a mesh against an all-gathered cache, and prefill per strategy
+(`lca/bench/decode.py`; bench_decode.csv and bench_decode.png). `device` (run alone, on
 the machine's accelerator: `lca/bench/device.py`) measures lca's TPU/GPU kernel
 beside blockwise and cuDNN/XLA attention; without an accelerator it says so and
 exits 0. One-device points run in this process,
@@ -32,6 +37,7 @@ import time
 import jax
 
 PARTS = ("single", "mesh", "linear", "balance", "train")
+DECODE_PART = "decode"  # not in the default set: run when named
 DEVICE_PART = "device"
 
 
@@ -39,7 +45,8 @@ def main(argv=None, figures=False):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small grid: minutes on a laptop")
     parser.add_argument("--part", "--parts", dest="parts", default=",".join(PARTS),
-                        help="comma list of " + str(PARTS) + ", or device alone")
+                        help="comma list of " + str(PARTS + (DECODE_PART,))
+                        + ", or device alone")
     parser.add_argument("--out", default=None, help="default out/bench (docs/figures with"
                         " --figures)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per point")
@@ -67,17 +74,23 @@ def main(argv=None, figures=False):
         print("\n".join(tables.update_docs(tables.FIGURES_DIR)))
         return
     parts = tuple(args.parts.split(","))
-    unknown = sorted(set(parts) - set(PARTS))
+    unknown = sorted(set(parts) - set(PARTS) - {DECODE_PART})
     if unknown:
-        parser.error(f"unknown part(s) {unknown}; parts: {list(PARTS)}")
+        parser.error(f"unknown part(s) {unknown}; parts: {list(PARTS + (DECODE_PART,))}")
     grid = suite.QUICK if args.quick else suite.DEFAULT
     grid = dataclasses.replace(grid, repeats=args.repeats or grid.repeats,
                                mesh_devices=min(grid.mesh_devices, args.devices),
                                mesh_sizes=tuple(m for m in grid.mesh_sizes if m <= args.devices))
     out = args.out or ("docs/figures" if args.figures else "out/bench")
     start = time.time()
-    figures_lib.run(out, grid, parts, quick=args.quick,
-                    grid_name="quick" if args.quick else "default")
+    if DECODE_PART in parts:
+        from lca.bench import decode  # noqa: PLC0415
+
+        decode.run(out, quick=args.quick, repeats=args.repeats, devices=args.devices)
+        parts = tuple(p for p in parts if p != DECODE_PART)
+    if parts:
+        figures_lib.run(out, grid, parts, quick=args.quick,
+                        grid_name="quick" if args.quick else "default")
     if args.figures:
         figures_lib.run_producers(out, quick=args.quick)
         if os.path.abspath(out) == os.path.abspath(tables.FIGURES_DIR):

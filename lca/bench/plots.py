@@ -4,7 +4,8 @@ One PNG per part (`bench_<part>.png`): rows are forward and forward+backward,
 columns are median time (error bars: the min-max spread of the repeats) and
 temporary memory per device. A point over the memory budget has no time; its
 compiled memory is drawn hollow. The mesh part adds `bench_mesh_sizes.png`:
-time against the number of devices at one length.
+time against the number of devices at one length. The decode part has its
+own, `plot_decode` (`bench_decode.png`).
 """
 
 from __future__ import annotations
@@ -126,3 +127,58 @@ def write_plots(points, out_dir):
              for part in sorted({p.part for p in points})]
     paths.append(plot_mesh_sizes(points, os.path.join(out_dir, "bench_mesh_sizes.png")))
     return [p for p in paths if p]
+
+
+DECODE_LINES = (("cache", "cache, one device"), ("recompute", "recompute (no cache), one device"),
+                ("cache_sharded", "cache sharded in place, n={n}"),
+                ("cache_gathered", "cache all-gathered each step, n={n}"))
+
+
+def plot_decode(points, path):
+    """The decode part (`lca.bench.decode`): per-token time and bytes per step against the
+    cache length, and prefill time per strategy; log-log."""
+    rows = [p for p in points if p.part == "decode" and p.seconds is not None]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for i, (impl, text) in enumerate(DECODE_LINES):
+        ps = sorted((p for p in rows if p.impl == impl and p.mode == "decode"),
+                    key=lambda p: p.seq_len)
+        if not ps:
+            continue
+        label = text.format(n=ps[0].n)
+        axes[0].errorbar([p.seq_len for p in ps], [p.seconds for p in ps],
+                         yerr=[[p.seconds - p.seconds_min for p in ps],
+                               [p.seconds_max - p.seconds for p in ps]],
+                         marker="o", capsize=2, color=f"C{i}", label=label)
+        if ps[0].n > 1:
+            axes[1].plot([p.seq_len for p in ps], [p.sent_bytes for p in ps], marker="o",
+                         color=f"C{i}", label=label)
+        if impl == "cache":  # a guide of slope 1 through the longest point: linear in L
+            last = ps[-1]
+            axes[0].plot([ps[0].seq_len, last.seq_len],
+                         [last.seconds * ps[0].seq_len / last.seq_len, last.seconds], ":",
+                         color="gray", label="proportional to L")
+    prefill = [p for p in rows if p.mode == "prefill"]
+    for i, impl in enumerate(sorted({p.impl for p in prefill})):
+        ps = sorted((p for p in prefill if p.impl == impl), key=lambda p: p.seq_len)
+        axes[2].errorbar([p.seq_len for p in ps], [p.seconds for p in ps],
+                         yerr=[[p.seconds - p.seconds_min for p in ps],
+                               [p.seconds_max - p.seconds for p in ps]],
+                         marker="o", capsize=2, color=f"C{i + 4}", label=f"{impl}, n={ps[0].n}")
+    titles = ("per-token decode time (batch 1)", "bytes one device sends per decode step",
+              "prefill of L tokens, per strategy")
+    for ax, title, what in zip(axes, titles, ("median seconds per token", "bytes", "median s")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_length))
+        ax.set_xlabel("cache length L" if ax is not axes[2] else "prompt length L")
+        ax.set_ylabel(what)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("python experiments/bench.py --part decode (emulated CPU devices share the"
+                 " machine's cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -2,8 +2,9 @@
 
 Every part writes Points: `single`, `mesh` and `linear` (the suite: one row
 per kernel, layout, mesh size, heads, length and mode), `balance` (one ring
-layout's critical path), `train` (one training step) and `context` (the
-longest context whose training step fits a memory budget).
+layout's critical path), `train` (one training step), `context` (the
+longest context whose training step fits a memory budget) and `decode` (one
+decode step against a cache of L tokens, or one prefill).
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import dataclasses
 
 @dataclasses.dataclass
 class Point:
-    part: str            # "single", "mesh", "linear", "balance", "train" or "context"
+    part: str            # "single", "mesh", "linear", "balance", "train", "context" or "decode"
     impl: str            # a registry name (a strategy, a local kernel, linear[/algorithm]) or a peer
     layout: str          # token layout on a mesh; "-" on one device
     n: int               # devices on the sequence axis (1: one device)
     heads: int
     kv_heads: int
     seq_len: int         # context: the longest length that fits
-    mode: str            # "fwd", "fwd+bwd" or "train"
+    mode: str            # "fwd", "fwd+bwd", "train", "decode" (one step) or "prefill"
     flops: int | None    # useful FLOPs (causal), whole problem; compile-time, deterministic
     temp_bytes: int      # compiled temporary memory, per device
     fits: bool           # within the memory budget; a point that does not fit is not run
