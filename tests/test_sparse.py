@@ -15,7 +15,7 @@ from flax import nnx
 
 import lca
 from lca import sparse
-from lca.models import Transformer
+from lca.models import SparseOptions, Transformer
 from lca.models.sparse import Fixed
 
 F32 = TOLERANCE[jnp.float32]
@@ -163,19 +163,20 @@ def test_bad_arguments_name_the_argument():
             call()
 
 
-@pytest.mark.parametrize("kernel", ["hash_sparse", "qk_drop"])
+@pytest.mark.parametrize("kernel", ["hash_sparse", "qk_drop", "hyper"])
 def test_a_sparse_layer_is_causal_and_trains_in_the_model(kernel):
     """No logit depends on a later token (the bucket and keep decisions are per token); the
     loss and its gradients are finite; the fixed projections are state, not parameters."""
     from test_model import TINY, _batch, _causality_grads, _run  # noqa: PLC0415
 
-    config = TINY.replace(attention=(kernel,), layers=2)
+    config = TINY.replace(attention=(kernel,), layers=2, sparse=SparseOptions(
+        block=4, sample_size=4, min_seq_len=8))  # hyper: the recursion runs at 32 tokens
     g = _causality_grads(config, None, 19)
     assert np.all(g[20:] == 0), f"position 19 depends on later tokens: {g[20:]}"
     assert g[19] > 0
     _, loss, grads = _run(config, _batch())
     assert np.isfinite(loss) and all(np.isfinite(x).all() for x in jax.tree.leaves(grads))
     model = Transformer(config, rngs=nnx.Rngs(0))
-    fixed = jax.tree.leaves(nnx.state(model, Fixed))
+    fixed = jax.tree.leaves(nnx.state(model, Fixed))  # projections, or hyper's seed
     params = {id(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
     assert fixed and not any(id(x) in params for x in fixed)

@@ -217,5 +217,7 @@ for _entry in (
                      layouts=linear_parallel.LAYOUTS, algorithms=linear_parallel.ALGORITHMS,
                      default_algorithm="allgather"),
         SparseKernel("hash_sparse", doc="causal attention within angular-LSH buckets of q and k"),
-        SparseKernel("qk_drop", doc="causal attention among the queries and keys kept")):
+        SparseKernel("qk_drop", doc="causal attention among the queries and keys kept"),
+        SparseKernel("hyper", exact=False,
+                     doc="HyperAttention: sorted-LSH block diagonal + sampled columns")):
     register(_entry)

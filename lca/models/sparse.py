@@ -13,8 +13,8 @@ R random projections per LSH.
                `keep` of each. `lca.sparse.dropped_attention` with capacity
                min(T, ceil(capacity_factor * keep * T)) per head; kept tokens past
                it are dropped (also causal).
-  hyper        `lca.sparse.hyper.hyper_attention` (approximate) with a fixed key
-               per layer.
+  hyper        `lca.sparse.hyper_attention` (approximate) with a fixed key per
+               layer; `block`, `sample_size`, `min_seq_len` from the config.
 
 The projections are fixed at initialisation (`Fixed`, not `nnx.Param`: saved in
 checkpoints, never trained). Sparse layers run on one sequence shard, inside
@@ -56,15 +56,15 @@ class SparseParams(nnx.Module):
 
     def __init__(self, config: ModelConfig, name: str, rngs: nnx.Rngs):
         kh, d, opts = config.kv_heads, config.head_dim, config.sparse
-        buckets = {"hash_sparse": opts.num_buckets, "qk_drop": _drop_buckets(opts.keep),
-                   "hyper": 2}[name]
+        if name == "hyper":  # its own sortLSH and samples, from one key
+            seed = jax.random.randint(rngs.params(), (), 0, 2 ** 24).astype(jnp.float32)
+            self.seed = Fixed(seed, out_sharding=(), eager_sharding=False)  # float: exact ints
+            return
+        buckets = opts.num_buckets if name == "hash_sparse" else _drop_buckets(opts.keep)
         shape = (kh, d, -(-buckets // 2))
         self.k_rotation = _fixed(rngs, shape, ("kv_heads", "head_dim", None))
         if name == "qk_drop":  # queries dropped by their own projection
             self.q_rotation = _fixed(rngs, shape, ("kv_heads", "head_dim", None))
-        if name == "hyper":
-            self.seed = Fixed(jax.random.randint(rngs.params(), (), 0, 2 ** 30),
-                              out_sharding=(), eager_sharding=False)
 
 
 def _per_query_head(rotation, heads):
@@ -135,11 +135,11 @@ class SparseAdapter:
             capacity = min(t, max(1, math.ceil(opts.capacity_factor * opts.keep * t)))
             return sparse_lib.dropped_attention(q, k, v, q_keep, k_keep, capacity=capacity,
                                                 overflow="drop", **common)
-        from lca.sparse.hyper import hyper_attention  # noqa: PLC0415
         if segment_ids is not None:
             raise ValueError("attention kernel 'hyper' does not take segment ids (packed"
                              " documents); use hash_sparse or qk_drop for packed text")
-        return hyper_attention(q, k, v, causal=True, block=min(opts.block, q.shape[1]),
-                               sample_size=min(opts.sample_size, q.shape[1]),
-                               key=jax.random.key(fixed["seed"]),
-                               min_seq_len=opts.min_seq_len or None)
+        # Causal by index: on one sequence shard the tokens are in natural order.
+        return sparse_lib.hyper_attention(q, k, v, causal=True, block=opts.block,
+                                          sample_size=opts.sample_size,
+                                          key=jax.random.key(fixed["seed"].astype(jnp.int32)),
+                                          min_seq_len=opts.min_seq_len or None)

@@ -3,6 +3,7 @@
 
 from lca.sparse.bucketed import (bucketed_attention, buckets_from, dropped_attention,
                                  hash_buckets, rotation_for)
+from lca.sparse.hyper import hyper_attention
 
 __all__ = ["bucketed_attention", "buckets_from", "dropped_attention", "hash_buckets",
-           "rotation_for"]
+           "hyper_attention", "rotation_for"]

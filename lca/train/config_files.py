@@ -46,11 +46,15 @@ def fit_mesh(c, entry) -> None:
     """Reshapes `c.mesh`, on the same devices, so a strategy can run: one that takes two
     axes gets the sequence split into (ulysses 2, sequence / 2); one whose `check` refuses
     the heads over the sequence axis gets the largest sequence size it takes, the rest of
-    the devices going to `data`; a sparse kernel, sequence 1 (its devices to `tensor`)."""
+    the devices going to `data`; a sparse kernel, sequence 1 (its devices to `tensor` as far
+    as the heads split, the rest to `data`)."""
     mesh = {axis: int(size) for axis, size in dict(c.mesh).items()}
     seq = mesh.get("sequence", 1)
-    if entry.kind == "sparse":  # one sequence shard: the sequence devices split the heads
-        mesh.update(tensor=mesh.get("tensor", 1) * seq, sequence=1)
+    if entry.kind == "sparse":  # one sequence shard: its devices split heads, then the batch
+        tensor = mesh.get("tensor", 1)
+        splits = lambda d: c.model.heads % (tensor * d) == 0 == c.model.kv_heads % (tensor * d)
+        split = max(d for d in range(1, seq + 1) if seq % d == 0 and splits(d))
+        mesh.update(tensor=tensor * split, data=mesh.get("data", 1) * (seq // split), sequence=1)
     elif getattr(entry, "axes", 1) == 2:
         if "ulysses" not in mesh and seq % 2 == 0:
             mesh = {a: s for a, s in mesh.items() if a != "sequence"}
