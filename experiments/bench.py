@@ -3,6 +3,7 @@
     python experiments/bench.py [--quick] [--part single,mesh,linear,balance,train]
                                 [--out out/bench] [--repeats N] [--figures] [--tables]
     python experiments/bench.py --part decode [--quick] [--out out/bench]
+    python experiments/bench.py --part sparse [--quick] [--out out/bench]
     python experiments/bench.py --part device [--quick] [--out out/bench]
 
 Parts: `single`, `mesh`, `linear` (the suite, `lca/bench/suite.py`), `balance`
@@ -12,7 +13,11 @@ Parts: `single`, `mesh`, `linear` (the suite, `lca/bench/suite.py`), `balance`
 named, alone or with others: about 5 minutes) measures per-token decode
 latency with the KV cache against recomputing the forward, on one device and
 sharded over a mesh against an all-gathered cache, and prefill per strategy
-(`lca/bench/decode.py`; bench_decode.csv and bench_decode.png). `device` (run alone, on
+(`lca/bench/decode.py`; bench_decode.csv and bench_decode.png). `sparse`
+(only when named, like `decode`: about 15 minutes) measures hash-bucketed and
+key-dropping attention (fwd+bwd) and HyperAttention (fwd) against dense
+attention on one device, with each row's difference from dense
+(`lca/bench/sparse.py`; bench_sparse.csv and bench_sparse.png). `device` (run alone, on
 the machine's accelerator: `lca/bench/device.py`) measures lca's TPU/GPU kernel
 beside blockwise and cuDNN/XLA attention; without an accelerator it says so and
 exits 0. One-device points run in this process,
@@ -38,6 +43,8 @@ import jax
 
 PARTS = ("single", "mesh", "linear", "balance", "train")
 DECODE_PART = "decode"  # not in the default set: run when named
+SPARSE_PART = "sparse"  # not in the default set: run when named
+NAMED = (DECODE_PART, SPARSE_PART)
 DEVICE_PART = "device"
 
 
@@ -45,7 +52,7 @@ def main(argv=None, figures=False):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small grid: minutes on a laptop")
     parser.add_argument("--part", "--parts", dest="parts", default=",".join(PARTS),
-                        help="comma list of " + str(PARTS + (DECODE_PART,))
+                        help="comma list of " + str(PARTS + NAMED)
                         + ", or device alone")
     parser.add_argument("--out", default=None, help="default out/bench (docs/figures with"
                         " --figures)")
@@ -74,9 +81,9 @@ def main(argv=None, figures=False):
         print("\n".join(tables.update_docs(tables.FIGURES_DIR)))
         return
     parts = tuple(args.parts.split(","))
-    unknown = sorted(set(parts) - set(PARTS) - {DECODE_PART})
+    unknown = sorted(set(parts) - set(PARTS) - set(NAMED))
     if unknown:
-        parser.error(f"unknown part(s) {unknown}; parts: {list(PARTS + (DECODE_PART,))}")
+        parser.error(f"unknown part(s) {unknown}; parts: {list(PARTS + NAMED)}")
     grid = suite.QUICK if args.quick else suite.DEFAULT
     grid = dataclasses.replace(grid, repeats=args.repeats or grid.repeats,
                                mesh_devices=min(grid.mesh_devices, args.devices),
@@ -88,6 +95,11 @@ def main(argv=None, figures=False):
 
         decode.run(out, quick=args.quick, repeats=args.repeats, devices=args.devices)
         parts = tuple(p for p in parts if p != DECODE_PART)
+    if SPARSE_PART in parts:
+        from lca.bench import sparse  # noqa: PLC0415
+
+        sparse.run(out, quick=args.quick, repeats=args.repeats)
+        parts = tuple(p for p in parts if p != SPARSE_PART)
     if parts:
         figures_lib.run(out, grid, parts, quick=args.quick,
                         grid_name="quick" if args.quick else "default")

@@ -182,3 +182,46 @@ def plot_decode(points, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_sparse(points, path):
+    """The sparse part (`lca.bench.sparse`): speed-up over dense attention against the
+    length per variant, and HyperAttention's error against its speed-up."""
+    rows = [p for p in points if p.part == "sparse" and p.vs_baseline is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    series = collections.defaultdict(list)
+    for p in rows:
+        if p.impl != "blockwise":
+            gqa = "" if p.heads == p.kv_heads else f" h{p.heads}/{p.kv_heads}"
+            series[f"{p.impl} {p.mode} block {p.block}{gqa}"].append(p)
+    for i, (label, ps) in enumerate(sorted(series.items())):
+        ps.sort(key=lambda p: p.seq_len)
+        axes[0].plot([p.seq_len for p in ps], [p.vs_baseline for p in ps], marker="o",
+                     color=f"C{i % 10}", linestyle="--" if ps[0].mode == "fwd" else "-",
+                     label=label)
+    axes[0].axhline(1.0, color="gray", linewidth=0.8)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_yscale("log", base=2)
+    axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_length))
+    axes[0].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
+    axes[0].set_xlabel("sequence length T")
+    axes[0].set_ylabel("dense seconds / seconds (same T and mode)")
+    axes[0].set_title("speed-up over dense blockwise attention, one device")
+    hyper = sorted((p for p in rows if p.impl == "hyper"), key=lambda p: p.seq_len)
+    axes[1].plot([p.vs_baseline for p in hyper], [p.max_rel_error for p in hyper], marker="o",
+                 color="C3", label="hyper fwd")
+    for p in hyper:
+        axes[1].annotate(_length(p.seq_len, None), (p.vs_baseline, p.max_rel_error),
+                         textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axes[1].set_xlabel("speed-up over exact forward")
+    axes[1].set_ylabel("max |out - exact| / max |exact|")
+    axes[1].set_title("HyperAttention: error against speed-up")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("python experiments/bench.py --part sparse (float32, head_dim 64, batch 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
