@@ -14,7 +14,7 @@ named, alone or with others: about 5 minutes) measures per-token decode
 latency with the KV cache against recomputing the forward, on one device and
 sharded over a mesh against an all-gathered cache, and prefill per strategy
 (`lca/bench/decode.py`; bench_decode.csv and bench_decode.png). `sparse`
-(only when named, like `decode`: about 15 minutes) measures hash-bucketed and
+(only when named, like `decode`: about 4 minutes) measures hash-bucketed and
 key-dropping attention (fwd+bwd) and HyperAttention (fwd) against dense
 attention on one device, with each row's difference from dense
 (`lca/bench/sparse.py`; bench_sparse.csv and bench_sparse.png). `device` (run alone, on

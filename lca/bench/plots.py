@@ -201,7 +201,7 @@ def plot_sparse(points, path):
                      label=label)
     axes[0].axhline(1.0, color="gray", linewidth=0.8)
     axes[0].set_xscale("log", base=2)
-    axes[0].set_yscale("log", base=2)
+    axes[0].set_ylim(bottom=0)
     axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_length))
     axes[0].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
     axes[0].set_xlabel("sequence length T")
