@@ -189,7 +189,7 @@ def backward(cfg: LocalConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
         k_j, v_j = tiles.k[j], tiles.v[j]
 
         def grads(carry, i, masked):
-            dq_t, dk, dv = carry
+            dk, dv = carry
             q_i, do_i = rows(tiles.q[i]), rows(do_blocks[i])
             s_t = jnp.einsum("bksd,bkqd->bksq", k_j, q_i, preferred_element_type=F32) * cfg.scale
             if masked:
@@ -204,15 +204,21 @@ def backward(cfg: LocalConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
             ds_t = (p_t * (dp_t - rows(delta_rows[i])[:, :, None, :])).astype(q.dtype)
             dk = dk + jnp.einsum("bksq,bkqd->bksd", ds_t, q_i, preferred_element_type=F32)
             dq_i = jnp.einsum("bksd,bksq->bkdq", k_j, ds_t, preferred_element_type=F32)
-            return dq_t.at[i].add(dq_i), dk, dv
+            return (dk, dv), dq_i
 
+        # The branches return the tile's dQ and the update happens outside them:
+        # a conditional that carried the whole [nq, ...] dQ buffer would copy it
+        # at every tile pair (O(T) bytes per tile, O(T^3) in all).
         def step(carry, i):
-            branches = (lambda c: c, lambda c: grads(c, i, masked=True),
+            dq_t, kv = carry
+            branches = (lambda c: (c, vma.like(jnp.zeros(dq_t.shape[1:], F32), *inputs)),
+                        lambda c: grads(c, i, masked=True),
                         lambda c: grads(c, i, masked=False))
-            return lax.switch(tiles.kinds[i, j], branches, carry), None
+            kv, dq_i = lax.switch(tiles.kinds[i, j], branches, kv)
+            return (dq_t.at[i].add(dq_i), kv), None
 
         kv_zeros = vma.like(jnp.zeros(k_j.shape, F32), *inputs)
-        (dq_t, dk, dv), _ = lax.scan(step, (dq_t, kv_zeros, kv_zeros), jnp.arange(tiles.nq))
+        (dq_t, (dk, dv)), _ = lax.scan(step, (dq_t, (kv_zeros, kv_zeros)), jnp.arange(tiles.nq))
         return dq_t, (dk * cfg.scale, dv)
 
     dq0 = vma.like(jnp.zeros((tiles.nq, b, kh, d, g * bq), F32), *inputs)
