@@ -90,8 +90,8 @@ def _permuted_attention(q, k, v, q_order, q_seg, k_order, k_seg, positions, *, i
                         scale, block_q, block_k):
     """Attention of the tokens q_order / k_order pick, per head, with those segment ids.
 
-    q_order, q_seg: int32 [B, H, Cq] (indices into T; T for an empty slot, which
-    sits at position -BIG); k_order, k_seg: int32 [B, K, Ck] (indices into S; S
+    q_order, q_seg: int32 [B, H, Cq] (indices into T; T for an empty slot, whose
+    output is dropped); k_order, k_seg: int32 [B, K, Ck] (indices into S; S
     for an empty slot, at position +BIG: no query sees it);
     positions: int32 [B, T] and [B, S] of the tokens (natural). Returns
     [B, T, H, D]: each picked query's output at its place, zeros elsewhere.
@@ -104,9 +104,14 @@ def _permuted_attention(q, k, v, q_order, q_seg, k_order, k_seg, positions, *, i
                                                 axis=2)
     qs = take(_heads_first(q), q_order)                    # [B, H, Cq, D]
     ks, vs = take(_heads_first(k), k_order), take(_heads_first(v), k_order)
-    # Empty slots: a query before every key, a key after every query (seen by none).
-    qp = jnp.where(q_order < t, jnp.take_along_axis(jnp.broadcast_to(q_pos[:, None], (b, h, t)),
-                                                    jnp.minimum(q_order, t - 1), axis=2), -_BIG)
+    # Empty slots: a key after every query (seen by none); a query at the position of
+    # the last real query slot before it (-BIG if none: in a padded run, the run's
+    # last query), so a run's padded last tile stays FULL where its real queries are. An empty query's output is dropped, so its
+    # cotangent is 0 and it adds nothing to dK or dV.
+    qp = jnp.where(q_order < t, jnp.take_along_axis(
+        jnp.broadcast_to(q_pos[:, None], (b, h, t)), jnp.minimum(q_order, t - 1), axis=2), -_BIG)
+    last = lax.cummax(jnp.where(q_order < t, jnp.arange(q_order.shape[2]), -1), axis=2)
+    qp = jnp.where(last >= 0, jnp.take_along_axis(qp, jnp.maximum(last, 0), axis=2), -_BIG)
     kp = jnp.where(k_order < s, jnp.take_along_axis(jnp.broadcast_to(k_pos[:, None], (b, kh, s)),
                                                     jnp.minimum(k_order, s - 1), axis=2), _BIG)
     cq, ck = q_order.shape[2], k_order.shape[2]
