@@ -20,10 +20,10 @@ KEY = jax.random.key(0)
 # to 100) and the non-causal estimate, not their exact shortcuts. Lengths are not multiples
 # of the block: 100 keys make 7 blocks of 14 or 15, 60 queries 7 of 8 or 9.
 # block 16, sample 100: every key outside a block is taken once, with weight 1;
-# block 128, sample 8: one block holds every key, so there is no residual.
+# block = the key length, sample 8: one block holds every key, so there is no residual.
 @pytest.mark.parametrize("causal, q_len, kv_len, block, sample_size", [
-    (True, 99, 99, 16, 100), (True, 99, 99, 128, 8),
-    (False, 100, 100, 16, 100), (False, 100, 100, 128, 8), (False, 60, 100, 16, 100)])
+    (True, 99, 99, 16, 99), (True, 99, 99, 99, 8),
+    (False, 100, 100, 16, 100), (False, 100, 100, 100, 8), (False, 60, 100, 16, 100)])
 def test_exact_when_the_residual_is_covered(causal, q_len, kv_len, block, sample_size):
     q, k, v, ct = make_inputs(0, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=2)
     fn = functools.partial(hyper_attention, causal=causal, block=block,
@@ -99,6 +99,8 @@ KV = jnp.zeros((1, 32, 2, 8))
     ((Q, KV, KV), {"block": True}, "block must be a positive integer"),
     ((Q, KV, KV), {"sample_size": -4}, "sample_size must be a positive integer"),
     ((Q, KV, KV), {"sample_size": "8"}, "sample_size must be a positive integer"),
+    ((Q, KV, KV), {"block": 33}, "block 33 does not fit the key length 32"),
+    ((Q, KV, KV), {"block": 8, "sample_size": 64}, "sample_size 64 does not fit the key length 32"),
     ((Q, KV, KV), {"min_seq_len": 0}, "min_seq_len must be a positive integer"),
     ((Q, KV, KV), {"lsh_bits": 17}, "lsh_bits must be at most 16"),
     ((Q, KV, KV), {"key": None}, "key must be a jax.random key"),
@@ -110,6 +112,6 @@ KV = jnp.zeros((1, 32, 2, 8))
      r"q heads \(4\) must be a multiple of kv_heads \(3\)"),
 ])
 def test_bad_arguments_are_named(args, kwargs, message):
-    kwargs = {"key": KEY, **kwargs}
+    kwargs = {"key": KEY, "block": 8, "sample_size": 8, **kwargs}
     with pytest.raises(ValueError, match=message):
         hyper_attention(*args, **kwargs)

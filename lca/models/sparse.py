@@ -138,8 +138,10 @@ class SparseAdapter:
         if segment_ids is not None:
             raise ValueError("attention kernel 'hyper' does not take segment ids (packed"
                              " documents); use hash_sparse or qk_drop for packed text")
-        # Causal by index: on one sequence shard the tokens are in natural order.
-        return sparse_lib.hyper_attention(q, k, v, causal=True, block=opts.block,
-                                          sample_size=opts.sample_size,
+        # Causal by index: on one sequence shard the tokens are in natural order. A
+        # sequence shorter than the configured block or sample takes its length (exact).
+        t = q.shape[1]
+        return sparse_lib.hyper_attention(q, k, v, causal=True, block=min(opts.block, t),
+                                          sample_size=min(opts.sample_size, t),
                                           key=jax.random.key(fixed["seed"].astype(jnp.int32)),
                                           min_seq_len=opts.min_seq_len or None)

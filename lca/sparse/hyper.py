@@ -90,8 +90,9 @@ def hyper_attention(q, k, v, *, causal=True, block=256, sample_size=256, key=Non
       return_lse: also return the log-sum-exp estimate [B, T, H] (float32,
         float64 for float64 inputs).
 
-    Every positive `block` and `sample_size` fits any length: one larger than
-    the length it applies to is clipped to it, which is the exact limit.
+    `block` and `sample_size` must fit the key length (at most S); the causal
+    recursion's shorter calls use min(block, length) and min(sample_size,
+    length), the exact limit.
 
     Exact (to rounding) when each call's residual is covered: block >= S (one
     block, no residual), or sample_size >= S - floor(S / n), the most keys
@@ -125,6 +126,10 @@ def hyper_attention(q, k, v, *, causal=True, block=256, sample_size=256, key=Non
     if causal and s != t:
         raise ValueError(f"causal hyper attention is self-attention: k length {s} must equal"
                          f" q length {t}")
+    for name, value in (("block", block), ("sample_size", sample_size)):
+        if value > s:
+            raise ValueError(f"{name} {value} does not fit the key length {s}: give at most {s}"
+                             f" ({name} = {s} is the exact limit)")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     opts = dict(block=int(block), sample_size=int(sample_size), scale=scale,
                 lsh_bits=int(lsh_bits))
