@@ -207,15 +207,20 @@ def plot_sparse(points, path):
     axes[0].set_xlabel("sequence length T")
     axes[0].set_ylabel("dense seconds / seconds (same T and mode)")
     axes[0].set_title("speed-up over dense blockwise attention, one device")
-    hyper = sorted((p for p in rows if p.impl == "hyper"), key=lambda p: p.seq_len)
-    axes[1].plot([p.vs_baseline for p in hyper], [p.max_rel_error for p in hyper], marker="o",
-                 color="C3", label="hyper fwd")
-    for p in hyper:
-        axes[1].annotate(_length(p.seq_len, None), (p.vs_baseline, p.max_rel_error),
-                         textcoords="offset points", xytext=(5, 5), fontsize=8)
+    samples = collections.defaultdict(list)
+    for p in rows:
+        if p.impl.startswith("hyper/"):
+            samples[int(p.impl[7:])].append(p)
+    for i, (m, ps) in enumerate(sorted(samples.items())):
+        ps.sort(key=lambda p: p.seq_len)
+        axes[1].plot([p.vs_baseline for p in ps], [p.max_rel_error for p in ps], marker="o",
+                     color=f"C{i % 10}", label=f"hyper fwd, sample_size {m}")
+        for p in ps:
+            axes[1].annotate(_length(p.seq_len, None), (p.vs_baseline, p.max_rel_error),
+                             textcoords="offset points", xytext=(5, 5), fontsize=8)
     axes[1].set_xlabel("speed-up over exact forward")
     axes[1].set_ylabel("max |out - exact| / max |exact|")
-    axes[1].set_title("HyperAttention: error against speed-up")
+    axes[1].set_title("HyperAttention: error against speed-up (labels: T)")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -26,12 +26,11 @@ T). Rows are `Point`s with part "sparse"; `baseline` is dense attention
                  a head keeps).
   mode "fwd", H = K = 4 at `Grid.hyper_lengths`:
     blockwise    dense causal attention, exact
-    hyper        `lca.sparse.hyper.hyper_attention`, approximate, block and
-                 sample_size `Grid.hyper_block` / `Grid.hyper_sample` (256 /
-                 256, the paper's defaults: its exact leaves are then 1024
-                 tokens, and a query computes ~512 logits per level of the
-                 recursion instead of up to T). Left out, with a line saying
-                 so, when `lca.sparse.hyper` does not import.
+    hyper/mM     `lca.sparse.hyper_attention`, approximate, block
+                 `Grid.hyper_block` (256, the paper's default: exact leaves of
+                 2 (block + M) tokens) and sample_size M for each M of
+                 `Grid.hyper_samples` (64 / 256 / 1024), so its error is
+                 reported against both M and T.
 
 Each row's seconds: the median of `repeats` rounds after one warm-up call,
 the variants of one (T, mode, heads) called in turn each round
@@ -63,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lca import sparse as sparse_lib
+from lca.sparse.hyper import hyper_attention
 from lca.attention import attention
 from lca.bench import records, timing
 from lca.bench.records import Point
@@ -88,7 +88,7 @@ class Grid:
     drops: tuple[float, ...] = (0.5, 0.75)  # fractions of the keys dropped
     small_block: int | None = 256       # bucketed/4 also at this tile (None: not)
     hyper_block: int = 256
-    hyper_sample: int = 256
+    hyper_samples: tuple[int, ...] = (64, 256, 1024)  # sample_size of each hyper row
     repeats: int = 3
     hyper_repeats: int = 2              # the dense forward at 64k is the slowest call
     mask_check_max: int = 16384         # mask_rel_error up to this T
@@ -246,15 +246,6 @@ def _measure(variants, mode, t, heads, kv_heads, args, repeats, grid, log):
     return rows, mask_errors
 
 
-def _hyper():
-    """`lca.sparse.hyper.hyper_attention`, or None with the reason when it does not import."""
-    try:
-        from lca.sparse.hyper import hyper_attention  # noqa: PLC0415
-    except ImportError as e:  # another engineer's module, in progress
-        return None, f"{type(e).__name__}: {e}"
-    return hyper_attention, ""
-
-
 def measure(grid, log=print):
     """Every row of the part: ([Point], [its mask_rel_error or None])."""
     rows, mask_errors = [], []
@@ -271,18 +262,14 @@ def measure(grid, log=print):
                                    log)
             rows += got
             mask_errors += errors
-    hyper, why = _hyper()
-    if hyper is None:
-        log(f"hyper rows left out: lca.sparse.hyper does not import ({why})")
-        return rows, mask_errors
     key = jax.random.key(grid.seed)
     for t in grid.hyper_lengths:
-        approx = Variant("hyper", grid.hyper_block, lambda q, k, v: hyper(
-            q, k, v, causal=True, block=grid.hyper_block, sample_size=grid.hyper_sample,
-            key=key))
-        got, errors = _measure([_dense(min(TILE, t)), approx], "fwd", t, HEADS, KV_HEADS,
-                          _inputs(t, HEADS, KV_HEADS, grid.seed), grid.hyper_repeats, grid,
-                          log)
+        approx = [Variant(f"hyper/m{m}", grid.hyper_block, lambda q, k, v, m=m: hyper_attention(
+            q, k, v, causal=True, block=grid.hyper_block, sample_size=m, key=key))
+            for m in grid.hyper_samples]
+        got, errors = _measure([_dense(min(TILE, t))] + approx, "fwd", t, HEADS, KV_HEADS,
+                               _inputs(t, HEADS, KV_HEADS, grid.seed), grid.hyper_repeats,
+                               grid, log)
         rows += got
         mask_errors += errors
     return rows, mask_errors
@@ -354,12 +341,13 @@ def key_figures(rows, mask_errors=None) -> str:
         lines.append(f"fwd+bwd speed-up over dense at {_k(t)}: " + ", ".join(
             f"{p.impl}{'@' + str(p.block) if p.block != min(TILE, t) else ''}"
             f" {p.vs_baseline:.2f}x" for p in at))
-    for t in (32768,) + tuple(sorted({p.seq_len for p in rows if p.impl == "hyper"})):
-        p = _find(rows, "hyper", "fwd", t)
-        if p is not None:
-            lines.append(f"hyper vs exact forward at {_k(t)}: {p.vs_baseline:.2f}x"
-                         f" ({p.seconds:.3f} s vs {p.seconds * p.vs_baseline:.3f} s),"
-                         f" max rel error {p.max_rel_error:.3f} (block {p.block})")
+    hyper = [p for p in rows if p.impl.startswith("hyper/")]
+    for t in (32768,) + tuple(sorted({p.seq_len for p in hyper})):
+        at = sorted((p for p in hyper if p.seq_len == t), key=lambda p: int(p.impl[7:]))
+        if at:
+            lines.append(f"hyper vs exact forward at {_k(t)} (block {at[0].block}): " + ", ".join(
+                f"sample {p.impl[7:]} {p.vs_baseline:.2f}x (max rel error {p.max_rel_error:.3f})"
+                for p in at))
             break
     checked = [e for e in mask_errors or () if e is not None]
     if checked:
