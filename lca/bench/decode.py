@@ -369,10 +369,8 @@ def run(out_dir, *, quick=False, grid=None, repeats=None, devices=8, log=print):
     Mesh rows need devices > 1; they run here when this process has that many
     devices, else in a subprocess with them.
     """
-    grid = grid or (QUICK if quick else DEFAULT)
-    if repeats:
-        grid = dataclasses.replace(grid, repeats=repeats)
-    os.makedirs(out_dir, exist_ok=True)
+    grid, name = records.part_grid(grid, quick=quick, repeats=repeats, grids=(QUICK, DEFAULT),
+                                   out_dir=out_dir)
     start = time.time()
     log(table([]))
     rows = one_device(grid, log)
@@ -381,8 +379,7 @@ def run(out_dir, *, quick=False, grid=None, repeats=None, devices=8, log=print):
                  else _in_subprocess(grid, devices))
     compare(rows)
     path = os.path.join(out_dir, FILE)
-    records.write_csv(path, rows, {"grid": "quick" if grid == QUICK else
-                                   "default" if grid == DEFAULT else "custom",
+    records.write_csv(path, rows, {"grid": name,
                                    "finished": time.strftime("%Y-%m-%d")})
     print(table(rows))
     print(key_figures(rows))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 
 
 @dataclasses.dataclass
@@ -44,6 +45,18 @@ class Point:
 # Max relative error against float64 above which a row is marked WRONG: the
 # float32 tolerance the tests hold every kernel to (tests/attention_cases.py).
 TOLERANCE = 2e-5
+
+
+def part_grid(grid, *, quick, repeats, grids, out_dir):
+    """The grid a part's `run` measures and its name for the CSV: `grid` if given, else
+    `grids` = (quick grid, default grid) by `quick`; `repeats` overrides its repeats.
+    Creates out_dir."""
+    grid = grid or grids[0 if quick else 1]
+    if repeats:
+        grid = dataclasses.replace(grid, repeats=repeats)
+    os.makedirs(out_dir, exist_ok=True)
+    name = "quick" if grid == grids[0] else "default" if grid == grids[1] else "custom"
+    return grid, name
 
 
 def write_csv(path, rows, extra=None):

@@ -358,16 +358,13 @@ def key_figures(rows, mask_errors=None) -> str:
 
 def run(out_dir, *, quick=False, grid=None, repeats=None, log=print):
     """Measures the part into out_dir (bench_sparse.csv, bench_sparse.png); returns its rows."""
-    grid = grid or (QUICK if quick else DEFAULT)
-    if repeats:
-        grid = dataclasses.replace(grid, repeats=repeats)
-    os.makedirs(out_dir, exist_ok=True)
+    grid, name = records.part_grid(grid, quick=quick, repeats=repeats, grids=(QUICK, DEFAULT),
+                                   out_dir=out_dir)
     start = time.time()
     log(table([]))
     rows, mask_errors = measure(grid, log)
     compare(rows)
     path = os.path.join(out_dir, FILE)
-    name = "quick" if grid == QUICK else "default" if grid == DEFAULT else "custom"
     finished = time.strftime("%Y-%m-%d")
     records.write_csv(path, rows, [{"grid": name, "finished": finished,
                                     "mask_rel_error": e} for e in mask_errors])
