@@ -13,7 +13,14 @@ Expect held-out recall accuracy at 512 tokens of about 0.10 after the default
 600 steps, six times chance (1/63) and still climbing, in about 10 minutes on
 a 2-core machine; train longer (--config.train.steps) for more.
 
-Variants: `:smoke` (seconds, for tests), `:softmax` (every layer ring).
+Variants: `:smoke` (seconds, for tests), `:softmax` (every layer ring),
+`:text` (packed documents: configs/text.py's data, model, mesh and schedule
+with layers "linear,ring"; the linear layer's state restarts at each document
+boundary, as the ring layer's segment ids keep documents apart):
+
+    python experiments/train.py --config configs/hybrid.py:text --workdir out/hybrid_text
+
+`:text,smoke` is its seconds-long test run.
 """
 
 from lca.train.config_files import sibling
@@ -29,6 +36,16 @@ def get_config(arg=""):
     c.data.update(task="recall", seq_len=512, vocab_size=128, num_pairs=16, num_queries=8)
     c.train.update(steps=600, batch_size=16, learning_rate=3e-3)
     c.eval.update(batch_size=16, batches=4, lengths=(512,), depth_bins=4)
+    if "text" in variants:  # text.py's run, one linear layer under the ring layer
+        rest = [v for v in variants if v != "text"]
+        if rest not in ([], ["smoke"]):
+            raise ValueError(f"configs/hybrid.py: variant 'text' takes only 'smoke'; got {rest}")
+        text = sibling(__file__, "text").get_config(",".join(rest))
+        text.model.attention = "linear,ring"
+        text.model.linear.update(dict(c.model.linear))
+        if rest:
+            text.model.linear.chunk_size = 16
+        return text
     for v in variants:
         if v == "smoke":
             c.model.update(embed=32, mlp=64, block_q=16, block_k=16)
@@ -40,5 +57,5 @@ def get_config(arg=""):
         elif v == "softmax":
             c.model.attention = "ring"
         else:
-            raise ValueError(f"configs/hybrid.py: unknown variant {v!r}; known: smoke, softmax")
+            raise ValueError(f"configs/hybrid.py: unknown variant {v!r}; known: smoke, softmax, text")
     return c

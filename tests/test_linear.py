@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import lca
+from attention_cases import relative_error
 from linear_cases import (DECAYS, assert_close, jit, make_inputs, outputs_and_grads,
                           reference, reference_results)
 
@@ -19,11 +20,11 @@ attend = jit(lca.linear_attention,
              static_argnames=("normalize", "chunk_size", "return_state", "impl"))
 
 
-def _kernel(impl, normalize, chunk_size=16):
+def _kernel(impl, normalize, chunk_size=16, segment_ids=None):
     def fn(q, k, v, log_decay, initial_state):
         return lca.linear_attention(q, k, v, log_decay=log_decay, normalize=normalize,
                                     chunk_size=chunk_size, initial_state=initial_state,
-                                    return_state=True, impl=impl)
+                                    return_state=True, impl=impl, segment_ids=segment_ids)
     return fn
 
 
@@ -35,6 +36,26 @@ def test_matches_float64_recurrence_outputs_state_and_gradients(impl, decay, nor
     got = outputs_and_grads(_kernel(impl, normalize, CHUNK[decay]), inputs)
     assert_close(got, reference_results(0, decay, normalize), jnp.float32,
                  f"{impl}/{decay}/normalize={normalize}")
+
+
+# Packed documents with grouped-query heads (4 query heads on 2 kv heads): each impl,
+# decay off and on, 6 documents per row at random boundaries, crossing the 4-token chunks
+# of the chunked impl's two scan steps; the initial state flows into the first document.
+PACKED = [("chunked", "token", True), ("chunked", "none", False),
+          ("recurrent", "head", True), ("quadratic", "token", False)]
+
+
+@pytest.mark.parametrize("impl, decay, normalize", PACKED)
+def test_packed_documents_and_grouped_heads_match_the_recurrence_with_resets(impl, decay,
+                                                                            normalize):
+    shape = dict(heads=4, kv_heads=2, documents=6)
+    inputs = make_inputs(3, decay=decay, normalize=normalize, **shape)
+    got = outputs_and_grads(_kernel(impl, normalize, 4, inputs["segment_ids"]), inputs)
+    ref = reference_results(3, decay, normalize, **shape)
+    assert_close(got, ref, jnp.float32, f"packed {impl}/{decay}/normalize={normalize}")
+    # The resets matter: one document throughout is a different answer.
+    one = reference_results(3, decay, normalize, heads=4, kv_heads=2)
+    assert relative_error(got[0], one[0]) > 0.1
 
 
 def test_bfloat16_inputs_give_bfloat16_outputs_and_float32_state():

@@ -34,6 +34,10 @@ STATE = jnp.zeros((2, 4, 8, 6))
     ((Q, Q, V), {"initial_state": STATE, "normalize": True},
      r"initial_state must have shape .*value_dim \+ 1\] = \(2, 4, 8, 7\)"),
     ((Q, Q, V), {"normalize": "yes"}, "normalize must be a bool"),
+    ((Q, Q, V), {"segment_ids": jnp.zeros((2, 15), jnp.int32)},
+     r"segment_ids must be \[batch, seq\] = \(2, 16\)"),
+    ((Q, Q, V), {"segment_ids": jnp.zeros((2, 16, 4), jnp.int32)}, "segment_ids must be"),
+    ((Q, Q, V), {"segment_ids": jnp.zeros((2, 16))}, "segment_ids must be an integer dtype"),
 ])
 def test_bad_arguments_are_named(impl, args, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -82,6 +86,7 @@ def test_hedgehog_weight_must_match_the_head_dim():
     ({"causal": False}, "linear attention is causal only"),
     ({"log_decay": jnp.ones(4)}, "log_decay must be <= 0"),
     ({"chunk_size": 0}, "chunk_size must be a positive integer"),
+    ({"segment_ids": jnp.zeros((2, 32), jnp.float32)}, "segment_ids must be an integer dtype"),
 ])
 def test_bad_parallel_arguments_are_named(mesh8, kwargs, message):
     q = jnp.zeros((2, 32, 4, 8))

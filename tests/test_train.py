@@ -36,6 +36,15 @@ def test_the_smoke_model_trains_with_usp_as_with_the_ring(tmp_path):
     np.testing.assert_allclose(losses, ring.losses, rtol=1e-5)  # the same model, exactly
 
 
+def test_the_hybrid_trains_on_packed_text(tmp_path):
+    """configs/hybrid.py:text,smoke: a linear layer under a ring layer, on packed documents
+    (segment ids through both) on the (data, fsdp, sequence) mesh."""
+    exp = experiment("configs/hybrid.py:text,smoke")
+    assert exp.model.attention == ("linear", "ring") and exp.data.task == "text"
+    losses = train(exp, str(tmp_path), progress=False, log=lambda *_: None).losses
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5, losses
+
+
 def test_run_writes_checkpoints_metrics_tensorboard_and_figure():
     workdir, result = smoke_run()
     assert sorted(os.listdir(checkpoint_dir(workdir))) == ["4", "8"]

@@ -19,6 +19,16 @@ appended, which is how every impl computes it, so the state stays one array
 in the scan carry, across a mesh axis and in a decoding cache. States are
 float32 (float64 when the inputs are float64), whatever the input dtype.
 
+Packed documents. With `segment_ids` [B, T] the state restarts where the id
+changes from one token to the next: a document's first token t sees
+S_t = k_t v_tᵀ (and z_t = k_t), nothing of the tokens before it. Every impl
+runs this as a decay: g_t = RESET_LOG_DECAY at a document's first token, so
+exp of every exponent that spans a boundary is exactly zero in float32 and
+float64, while no exponent that stays inside a document changes. The first
+token of the sequence never restarts (an `initial_state` flows into it), and
+the gradient to log_decay at a restarting token is zero (its decay
+multiplies nothing).
+
 A normalized query whose denominator q_t · z_t is exactly zero gets zeros
 (with a non-negative feature map such as `relu` that happens only when every
 product q_t · k_s is zero). Use a feature map whose products are positive
@@ -35,6 +45,12 @@ from lca.kernels import linear_chunked
 from lca.kernels.validation import check_block, check_dtypes
 
 IMPLS = ("chunked", "recurrent", "quadratic")
+
+# The log decay at a document's first token: exp(-1e4 + x) == 0 for x <= 0 in
+# float32 (below exp(-104)) and float64 (below exp(-746)), and sums of up to
+# 1e30 of them stay finite, so a boundary zeroes every decay that spans it and
+# produces no inf or NaN in any product, sum or gradient.
+RESET_LOG_DECAY = -1e4
 
 
 def _shape(x):
@@ -70,13 +86,43 @@ def check_log_decay(log_decay, shapes):
             f"log_decay must be <= 0 everywhere (a decay exp(g) in (0, 1]); got an entry {bad}")
 
 
+def check_segment_ids(segment_ids, batch, length):
+    """segment_ids: None or an integer [batch, seq] array."""
+    if segment_ids is None:
+        return
+    if _shape(segment_ids) != (batch, length):
+        raise ValueError(f"segment_ids must be [batch, seq] = {(batch, length)} (one document"
+                         f" id per token); got shape {_shape(segment_ids)}")
+    if not jnp.issubdtype(_dtype(segment_ids), jnp.integer):
+        raise ValueError(f"segment_ids must be an integer dtype; got {_dtype(segment_ids)}")
+
+
+def document_starts(segment_ids, first=None):
+    """[B, T] ids -> [B, T] bool: the id differs from the previous token's.
+
+    first: [B] bool for token 0 (whether it starts a document after tokens
+    elsewhere, e.g. on the previous shard); default False.
+    """
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+    head = jnp.zeros_like(starts[:, :1]) if first is None else first[:, None]
+    return jnp.concatenate([head, starts], axis=1)
+
+
+def with_resets(g, starts, heads, acc):
+    """Per-token log decays [B, T, H] (None: no decay) with RESET_LOG_DECAY where `starts`."""
+    if starts is None:
+        return g
+    base = jnp.zeros(starts.shape + (heads,), acc) if g is None else g
+    return jnp.where(starts[..., None], jnp.asarray(RESET_LOG_DECAY, acc), base)
+
+
 def state_shape(batch, heads, key_dim, value_dim, normalize):
     """The shape of a state: [B, H, K, V], or [B, H, K, V + 1] with normalize."""
     return (batch, heads, key_dim, value_dim + int(bool(normalize)))
 
 
 def check_linear_args(q, k, v, *, log_decay=None, normalize=False, chunk_size=64,
-                      initial_state=None, impl="chunked"):
+                      initial_state=None, impl="chunked", segment_ids=None):
     """Validates the `linear_attention` signature before tracing; returns (B, T, H, K, V)."""
     _check_float("q", q, 4, "[batch, seq, heads, key_dim]")
     _check_float("k", k, 4, "[batch, seq, kv_heads, key_dim]")
@@ -86,6 +132,7 @@ def check_linear_args(q, k, v, *, log_decay=None, normalize=False, chunk_size=64
     b, t, h, dk = _shape(q)
     dv = _shape(v)[3]
     check_log_decay(log_decay, [("[heads]", (h,)), ("[batch, seq, heads]", (b, t, h))])
+    check_segment_ids(segment_ids, b, t)
     if not isinstance(normalize, (bool, np.bool_)):
         raise ValueError(f"normalize must be a bool; got {normalize!r}")
     check_block("chunk_size", chunk_size)
@@ -181,7 +228,7 @@ _KERNELS = {"chunked": linear_chunked.chunked, "recurrent": _recurrent, "quadrat
 
 
 def linear_attention(q, k, v, *, log_decay=None, normalize=False, chunk_size=64,
-                     initial_state=None, return_state=False, impl="chunked"):
+                     initial_state=None, return_state=False, impl="chunked", segment_ids=None):
     """Causal linear attention with an optional decay per head or per token.
 
     Args:
@@ -200,6 +247,8 @@ def linear_attention(q, k, v, *, log_decay=None, normalize=False, chunk_size=64,
       initial_state: [B, H, K, V] ([B, H, K, V + 1] with normalize), the state
         before the first token; default zeros.
       return_state: also return the state after the last token.
+      segment_ids: int [B, T] document ids of packed sequences: the state
+        restarts where the id changes (module docstring); None: one document.
       impl: "chunked" (training: intra-chunk masked products plus an
         inter-chunk state; memory linear in T), "recurrent" (token by token; a
         reference; its gradient stores one state per token) or "quadratic"
@@ -212,9 +261,11 @@ def linear_attention(q, k, v, *, log_decay=None, normalize=False, chunk_size=64,
     """
     b, t, h, dk, dv = check_linear_args(q, k, v, log_decay=log_decay, normalize=normalize,
                                         chunk_size=chunk_size, initial_state=initial_state,
-                                        impl=impl)
+                                        impl=impl, segment_ids=segment_ids)
     acc = compute_dtype(q.dtype)
     g = per_token_log_decay(log_decay, b, t, h, acc)
+    if segment_ids is not None:
+        g = with_resets(g, document_starts(jnp.asarray(segment_ids)), h, acc)
     if normalize:
         v = with_key_sum_column(v)
     if initial_state is None:

@@ -38,6 +38,13 @@ of [m, B, H, K·V + 1] float32 buffers, independent of the sequence length:
   "doubling"   log2(n) ppermute rounds with partner r XOR 2^d (recursive
                doubling; n a power of two); log2(n) buffers arrive
 
+Packed documents (segment_ids): the state restarts where the id changes, as
+a log decay of `RESET_LOG_DECAY` at each document's first token
+(`lca.kernels.linear`), so summaries, scans and corrections need nothing
+else. Whether a shard's first token starts a document depends on the token
+before it in global order, on another shard: one all_gather of each
+segment's last id ([n, m, B] integers) settles it, before anything else.
+
 Gradients are JAX autodiff through the collectives (a ppermute transposes to
 the inverse permutation, an all_gather to a reduce-scatter), so the backward
 pass moves the same number of bytes the other way.
@@ -173,8 +180,26 @@ def _unfold_segments(x, m):
     return jnp.swapaxes(x, 0, 1).reshape((mb // m, m * ls) + x.shape[3:])
 
 
+def _starts(segment_ids, axis_name, n, r, m):
+    """[m·B, Ls] ids of this shard's segments -> [m·B, Ls] bool document starts.
+
+    The first token of the segment at global position p starts a document when its
+    id differs from the last id of the segment at p - 1 (p = 0: never).
+    """
+    mb = segment_ids.shape[0]
+    last = lax.all_gather(segment_ids[:, -1].reshape(m, mb // m), axis_name)  # [n, m, B]
+    where = _positions(jnp.arange(n), n, m).T.reshape(-1)  # [n * m], shard-major
+    by_position = jnp.zeros_like(last.reshape(n * m, -1)).at[where].set(
+        last.reshape(n * m, -1))
+    mine = _positions(r, n, m)  # [m]
+    before = by_position[jnp.maximum(mine - 1, 0)]  # [m, B]
+    first = (mine[:, None] > 0) & (segment_ids[:, 0].reshape(m, -1) != before)
+    return linear_lib.document_starts(segment_ids, first.reshape(mb))
+
+
 def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout="contiguous",
-                           log_decay=None, normalize=False, chunk_size=64, return_state=False):
+                           log_decay=None, normalize=False, chunk_size=64, return_state=False,
+                           segment_ids=None):
     """This shard's part of causal linear attention over the whole `axis_name` axis.
 
     Call inside `jax.shard_map`; the global sequence is the shards' local
@@ -189,6 +214,9 @@ def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout=
       layout: "contiguous" or "zigzag" (T even: two halves, chunks r and 2n-1-r).
       log_decay: None, [H] or [B, T, H] (this shard's tokens), <= 0.
       normalize, chunk_size: as in `lca.linear_attention`.
+      segment_ids: int [B, T] this shard's document ids (global layout-order
+        ids): the state restarts where the id changes in global order, across
+        chunks and shards; None: one document.
       return_state: also return the state after the last token of the whole
         sequence, [B, H, K, V] ([B, H, K, V + 1] with normalize), float32, the
         same on every shard (one all-reduce sum: only the shard holding the
@@ -204,7 +232,8 @@ def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout=
         raise ValueError(f"layout must be one of {list(LAYOUTS)} for linear attention;"
                          f" got {layout!r}")
     b, t, h, dk, dv = linear_lib.check_linear_args(q, k, v, log_decay=log_decay,
-                                                   normalize=normalize, chunk_size=chunk_size)
+                                                   normalize=normalize, chunk_size=chunk_size,
+                                                   segment_ids=segment_ids)
     n = lax.axis_size(axis_name)
     if algorithm == "doubling" and n & (n - 1):
         raise ValueError(f"algorithm='doubling' needs a power-of-two number of shards on"
@@ -218,6 +247,9 @@ def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout=
     if normalize:
         v = linear_lib.with_key_sum_column(v)
     q, k, v, g = (_fold_segments(x, m) for x in (q, k, v, g))
+    if segment_ids is not None:
+        starts = _starts(_fold_segments(segment_ids, m), axis_name, n, r, m)
+        g = linear_lib.with_resets(g, starts, h, acc)
 
     # 1. This shard's segment summaries, then at once the collective.
     gamma, state = linear_chunked.segment_state(k, v, g, acc, int(chunk_size), h)

@@ -190,10 +190,9 @@ class LinearAdapter:
         return LinearParams(config, rngs)
 
     def __call__(self, q, k, v, call, ctx, positions, segment_ids, params: LinearParams):
-        if segment_ids is not None:
-            raise ValueError(f"kernel {call.name!r} does not take segment ids (packed"
-                             " documents); use a softmax kernel for config.data.task='text'")
-        return self._run(q, k, v, call, ctx, params, return_state=False)
+        """Packed documents (segment_ids) restart the state at each boundary."""
+        return self._run(q, k, v, call, ctx, params, return_state=False,
+                         segment_ids=segment_ids)
 
     def prefill(self, q, k, v, call, ctx, positions, params):
         """(out, the state after the last token): the cache entry, replicated over the
@@ -209,11 +208,12 @@ class LinearAdapter:
                                            normalize=lin.normalize)
         return out[:, None], state
 
-    def _run(self, q, k, v, call, ctx, params, return_state):
+    def _run(self, q, k, v, call, ctx, params, return_state, segment_ids=None):
         lin = call.linear
         q, k = params.feature_map(lin.feature_map, q), params.feature_map(lin.feature_map, k)
         options = dict(log_decay=params.log_decay(), normalize=lin.normalize,
-                       chunk_size=lin.chunk_size, return_state=return_state)
+                       chunk_size=lin.chunk_size, return_state=return_state,
+                       segment_ids=segment_ids)
         if not _sharded(ctx):
             return linear_attention(q, k, v, **options)
         axis = ctx.strategy_axis(call.name, 0)  # one axis, or two as under usp

@@ -25,9 +25,9 @@ from lca.parallel.sequence import check_length, sequence_axes, specs
 
 
 def _check(q, k, v, *, mesh, axis, layout, algorithm, log_decay, normalize, chunk_size,
-           options):
+           segment_ids, options):
     linear_lib.check_linear_args(q, k, v, log_decay=log_decay, normalize=normalize,
-                                 chunk_size=chunk_size)
+                                 chunk_size=chunk_size, segment_ids=segment_ids)
     t = q.shape[1]
     if layout == "striped":
         raise ValueError("layout='striped' is not supported by linear attention: a striped"
@@ -55,13 +55,13 @@ def _check(q, k, v, *, mesh, axis, layout, algorithm, log_decay, normalize, chun
         raise ValueError("linear attention is causal only; got causal=False")
     if options:
         raise ValueError(f"linear attention does not take {sorted(options)}; it takes"
-                         " log_decay, normalize, chunk_size and algorithm")
+                         " log_decay, normalize, chunk_size, segment_ids and algorithm")
 
 
 def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contiguous",
                                positions=None, algorithm="allgather", log_decay=None,
                                normalize=False, chunk_size=64, rules=None, return_state=False,
-                               **options):
+                               segment_ids=None, **options):
     """Causal linear attention with the sequence split over `axis` of `mesh`.
 
     Args:
@@ -77,6 +77,8 @@ def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contig
         (n - 1 ppermute hops, LASP) or "doubling" (log2(n) ppermute rounds).
       log_decay: None, [H], or [B, T, H] in layout order; <= 0.
       normalize, chunk_size: as in `lca.linear_attention`.
+      segment_ids: int [B, T] document ids in layout order: the state restarts
+        where the id changes in global order (packed documents); None: one.
       return_state: also return the state after the last token, [B, H, K, V]
         ([B, H, K, V + 1] with normalize) float32, heads placed as q's,
         replicated over the sequence axes (what a decoding cache holds).
@@ -89,7 +91,7 @@ def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contig
     del positions
     _check(q, k, v, mesh=mesh, axis=axis, layout=layout, algorithm=algorithm,
            log_decay=log_decay, normalize=normalize, chunk_size=chunk_size,
-           options=dict(options))
+           segment_ids=segment_ids, options=dict(options))
     seq_spec, _, _ = sequence_axes(mesh, axis)
     q_spec, k_spec, _ = specs(mesh, seq_spec, rules, q.shape, k.shape)
     out_spec = P(*q_spec[:3], None)
@@ -100,15 +102,20 @@ def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contig
     else:
         decay_spec = P(*q_spec[:3])
 
-    def shard(q, k, v, log_decay):
+    seg_spec = None if segment_ids is None else P(*q_spec[:2])
+
+    def shard(q, k, v, log_decay, segment_ids):
         ring, a2a = (axis, None) if isinstance(axis, str) else (axis[1], axis[0])
         if a2a is not None:  # every token of the ring shard, for this device's heads
             q, k, v = (ulysses.gather_tokens(q, a2a), ulysses.gather_kv_tokens(k, a2a),
                        ulysses.gather_kv_tokens(v, a2a))
             log_decay = _decay_heads(log_decay, a2a)
+            if segment_ids is not None:
+                segment_ids = lax.all_gather(segment_ids, a2a, axis=1, tiled=True)
         out = linear_attention_shard(q, k, v, axis_name=ring, algorithm=algorithm,
                                      layout=layout, log_decay=log_decay, normalize=normalize,
-                                     chunk_size=chunk_size, return_state=return_state)
+                                     chunk_size=chunk_size, return_state=return_state,
+                                     segment_ids=segment_ids)
         out, state = out if return_state else (out, None)
         out = out if a2a is None else ulysses.scatter_tokens(out, a2a)
         if not return_state:
@@ -122,8 +129,9 @@ def attention_in_layout_linear(q, k, v, *, mesh, axis="sequence", layout="contig
         return out, state
 
     out_specs = (out_spec, P(q_spec[0], q_spec[2])) if return_state else out_spec
-    return jax.shard_map(shard, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, decay_spec),
-                         out_specs=out_specs)(q, k, v, log_decay)
+    return jax.shard_map(shard, mesh=mesh,
+                         in_specs=(q_spec, k_spec, k_spec, decay_spec, seg_spec),
+                         out_specs=out_specs)(q, k, v, log_decay, segment_ids)
 
 
 def _decay_heads(log_decay, axis_name):
