@@ -207,16 +207,20 @@ def quadratic(q, k, v, g, state):
     return out[:, 0], state
 
 
-def segment_state(k, v, g, acc, chunk_size, heads):
+def segment_state(k, v, g, acc, chunk_size, heads, keep_carries=False):
     """(total log decay [B, H], state [B, H, K, V]) of a segment from a zero state.
 
     k [B, T, J, K], v [B, T, J, V], g [B, T, H] or None; `heads` = H. A
     [K, L] x [L, V] product per head and scan step of L tokens, nothing
     [B, T, ...] kept: what a shard publishes before its own output exists.
+    keep_carries: also return the pair entering each scan step of
+    `geometry(T, chunk_size)`, stacked: ([steps, B, H], [steps, B, H, K, V]).
     """
     b, t, j = k.shape[:3]
     group = heads // j
     c, n, steps = geometry(t, chunk_size)
+    as_heads = lambda pair, lead: tuple(x.reshape(lead + (heads,) + x.shape[len(lead) + 2:])
+                                        for x in pair)
 
     def step(carry, x):
         total, state = carry
@@ -230,8 +234,16 @@ def segment_state(k, v, g, acc, chunk_size, heads):
             total = total + step_total
             state = jnp.exp(step_total)[..., None, None] * state
             add = jnp.einsum("bsjgk,bsjv->bjgkv", k, v, preferred_element_type=acc)
-        return (total, state + add), None
+        return (total, state + add), (carry if keep_carries else None)
 
     zero = (jnp.zeros((b, j, group), acc), jnp.zeros((b, j, group, k.shape[3], v.shape[3]), acc))
-    total, state = scan_steps(step, zero, (k, v, g), t, n * c, steps)[0]
-    return total.reshape(b, heads), state.reshape((b, heads) + state.shape[3:])
+    if not keep_carries:
+        return as_heads(scan_steps(step, zero, (k, v, g), t, n * c, steps)[0], (b,))
+    padded = steps * n * c
+    xs = tuple(None if x is None else jnp.pad(x, [(0, 0), (0, padded - t)]
+                                                + [(0, 0)] * (x.ndim - 2)) for x in (k, v, g))
+    sliced = lambda i: tuple(None if x is None else lax.dynamic_slice_in_dim(
+        x, i * n * c, n * c, axis=1) for x in xs)
+    final, entering = lax.scan(lambda carry, i: step(carry, sliced(i)),
+                               vary_like(zero, *xs), jnp.arange(steps))
+    return as_heads(final, (b,)), as_heads(entering, (steps, b))

@@ -45,18 +45,23 @@ else. Whether a shard's first token starts a document depends on the token
 before it in global order, on another shard: one all_gather of each
 segment's last id ([n, m, B] integers) settles it, before anything else.
 
-Gradients are JAX autodiff through the collectives (a ppermute transposes to
+The local work around the collective, and its backward, are
+`lca.kernels.linear_shard.local_and_exchange`: a written-out backward that
+holds one gradient buffer per input (autodiff of the three scans held two or
+three), with JAX's vjp of the collective inside it (a ppermute transposes to
 the inverse permutation, an all_gather to a reduce-scatter), so the backward
 pass moves the same number of bytes the other way.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
 from lca.kernels import linear as linear_lib
-from lca.kernels import linear_chunked
+from lca.kernels import linear_shard
 
 ALGORITHMS = ("ring", "allgather", "doubling")
 LAYOUTS = ("contiguous", "zigzag")
@@ -164,37 +169,45 @@ _SCANS = {"allgather": _scan_allgather, "ring": _scan_ring, "doubling": _scan_do
 
 
 def _fold_segments(x, m):
-    """[B, m·Ls, ...] -> [m·B, Ls, ...], segment-major."""
+    """[B, m·Ls, ...] -> [B·m, Ls, ...]: row b·m + i is row b's segment i (a free reshape)."""
     if x is None or m == 1:
         return x
     b, t = x.shape[:2]
-    x = x.reshape((b, m, t // m) + x.shape[2:])
-    return jnp.swapaxes(x, 0, 1).reshape((m * b, t // m) + x.shape[3:])
+    return x.reshape((b * m, t // m) + x.shape[2:])
 
 
 def _unfold_segments(x, m):
+    """The inverse of `_fold_segments` (a free reshape)."""
     if m == 1:
         return x
-    mb, ls = x.shape[:2]
-    x = x.reshape((m, mb // m, ls) + x.shape[2:])
-    return jnp.swapaxes(x, 0, 1).reshape((mb // m, m * ls) + x.shape[3:])
+    bm, ls = x.shape[:2]
+    return x.reshape((bm // m, m * ls) + x.shape[2:])
+
+
+def _by_segment(x, m):
+    """[B·m, ...] -> [m, B, ...] (small per-segment arrays: pairs, states, ids)."""
+    return jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1)
+
+
+def _from_segments(x):
+    """The inverse of `_by_segment`: [m, B, ...] -> [B·m, ...]."""
+    return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
 def _starts(segment_ids, axis_name, n, r, m):
-    """[m·B, Ls] ids of this shard's segments -> [m·B, Ls] bool document starts.
+    """[B·m, Ls] ids of this shard's segments -> [B·m, Ls] bool document starts.
 
     The first token of the segment at global position p starts a document when its
     id differs from the last id of the segment at p - 1 (p = 0: never).
     """
-    mb = segment_ids.shape[0]
-    last = lax.all_gather(segment_ids[:, -1].reshape(m, mb // m), axis_name)  # [n, m, B]
+    last = lax.all_gather(_by_segment(segment_ids[:, -1], m), axis_name)  # [n, m, B]
     where = _positions(jnp.arange(n), n, m).T.reshape(-1)  # [n * m], shard-major
     by_position = jnp.zeros_like(last.reshape(n * m, -1)).at[where].set(
         last.reshape(n * m, -1))
     mine = _positions(r, n, m)  # [m]
     before = by_position[jnp.maximum(mine - 1, 0)]  # [m, B]
-    first = (mine[:, None] > 0) & (segment_ids[:, 0].reshape(m, -1) != before)
-    return linear_lib.document_starts(segment_ids, first.reshape(mb))
+    first = (mine[:, None] > 0) & (_by_segment(segment_ids[:, 0], m) != before)
+    return linear_lib.document_starts(segment_ids, _from_segments(first))
 
 
 def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout="contiguous",
@@ -251,37 +264,23 @@ def linear_attention_shard(q, k, v, *, axis_name, algorithm="allgather", layout=
         starts = _starts(_fold_segments(segment_ids, m), axis_name, n, r, m)
         g = linear_lib.with_resets(g, starts, h, acc)
 
-    # 1. This shard's segment summaries, then at once the collective.
-    gamma, state = linear_chunked.segment_state(k, v, g, acc, int(chunk_size), h)
-    pairs = (gamma.reshape((m, b) + gamma.shape[1:]), state.reshape((m, b) + state.shape[1:]))
-    incoming = _SCANS[algorithm](pairs, axis_name, n, r)  # [m, B, H, K, V]
-    # 2. The local output from a zero state: independent of the collective.
-    zero = jnp.zeros((m * b,) + state.shape[1:], acc)
-    num, _ = linear_chunked.chunked(q, k, v, g, zero, int(chunk_size))
-    # 3. The incoming state, read through each query's decay since its segment began.
-    out = _read_incoming(num, q, g, incoming.reshape(zero.shape), normalize, int(chunk_size))
-    out = _unfold_segments(out, m)
+    exchange = functools.partial(_exchange, axis_name=axis_name, algorithm=algorithm, m=m)
+    x, incoming, pairs = linear_shard.local_and_exchange(q, k, v, g, exchange,
+                                                         int(chunk_size))
+    out = _unfold_segments(linear_lib.finish(x, normalize, q.dtype), m)
     if not return_state:
         return out
     # The last segment in global order: shard n-1's only one, or zigzag's B_0 on shard 0.
-    gamma_last, state_last = pairs[0][m - 1], pairs[1][m - 1]
-    final = jnp.exp(gamma_last)[..., None, None] * incoming[m - 1] + state_last
+    gamma_last, state_last, incoming_last = (_by_segment(x, m)[m - 1]
+                                             for x in (*pairs, incoming))
+    final = jnp.exp(gamma_last)[..., None, None] * incoming_last + state_last
     owner = (n - 1) if m == 1 else 0
     return out, lax.psum(jnp.where(r == owner, final, 0), axis_name)
 
 
-def _read_incoming(num, q, g, incoming, normalize, chunk_size):
-    """num + exp(G_t) q_tᵀ S_in, normalized and cast: one scan, nothing extra kept."""
-    b, t = q.shape[:2]
-    c, n, steps = linear_chunked.geometry(t, chunk_size)
-
-    def step(before, x):
-        num, q, g = x
-        read = jnp.einsum("bthk,bhkv->bthv", q, incoming, preferred_element_type=num.dtype)
-        if g is not None:  # before: the decay from the segment's start to this step's
-            read = read * jnp.exp(before[:, None] + jnp.cumsum(g, axis=1))[..., None]
-            before = before + g.sum(axis=1)
-        return before, linear_lib.finish(num + read, normalize, q.dtype)
-
-    start = jnp.zeros((b, q.shape[2]), num.dtype)
-    return linear_chunked.scan_steps(step, start, (num, q, g), t, n * c, steps)[1]
+def _exchange(pairs, *, axis_name, algorithm, m):
+    """(Γ [B·m, H], S [B·m, H, K, V]) of this shard's segments -> the state entering each,
+    [B·m, H, K, V], by `algorithm` over `axis_name`."""
+    n, r = lax.axis_size(axis_name), lax.axis_index(axis_name)
+    by_segment = tuple(_by_segment(x, m) for x in pairs)
+    return _from_segments(_SCANS[algorithm](by_segment, axis_name, n, r))

@@ -248,7 +248,8 @@ def sequence_parallel_attention(q, k, v, *, mesh, axis="sequence", impl=registry
     permutes the output back. Arguments as in `attention_in_layout`.
 
     Returns:
-      [B, T, H, D] in q's dtype, in natural order.
+      [B, T, H, D] in q's dtype, in natural order (for "linear" with
+      return_state=True, with the state after the last token).
     """
     entry = _strategy(mesh, axis, impl, layout)
     if entry.kind != "linear":
@@ -266,4 +267,7 @@ def sequence_parallel_attention(q, k, v, *, mesh, axis="sequence", impl=registry
         permute(q), permute(k), permute(v), mesh=mesh, axis=axis, impl=impl, local=local,
         layout=layout, causal=causal, window=window, segment_ids=segment_ids, scale=scale,
         rules=rules, **options)
-    return layouts.unpermute(out, layout, n, axis=1, stripe=stripe)
+    unpermute = lambda x: layouts.unpermute(x, layout, n, axis=1, stripe=stripe)
+    if entry.kind == "linear" and options.get("return_state"):
+        return unpermute(out[0]), out[1]  # the final state has no token axis
+    return unpermute(out)
