@@ -20,7 +20,9 @@ boundary, as the ring layer's segment ids keep documents apart):
 
     python experiments/train.py --config configs/hybrid.py:text --workdir out/hybrid_text
 
-`:text,smoke` is its seconds-long test run.
+Expect validation bits per byte of about 3.25 after its 300 steps (text.py's
+all-ring model: 3.19; two linear layers: 4.05), in about 2 minutes on a 2-core
+machine. `:text,smoke` is its seconds-long test run.
 """
 
 from lca.train.config_files import sibling
