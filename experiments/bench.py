@@ -4,6 +4,7 @@
                                 [--out out/bench] [--repeats N] [--figures] [--tables]
     python experiments/bench.py --part decode [--quick] [--out out/bench]
     python experiments/bench.py --part sparse [--quick] [--out out/bench]
+    python experiments/bench.py --part efficiency [--quick] [--out out/bench]
     python experiments/bench.py --part device [--quick] [--out out/bench]
 
 Parts: `single`, `mesh`, `linear` (the suite, `lca/bench/suite.py`), `balance`
@@ -17,7 +18,11 @@ sharded over a mesh against an all-gathered cache, and prefill per strategy
 (only when named, like `decode`: about 4 minutes) measures hash-bucketed and
 key-dropping attention (fwd+bwd) and HyperAttention (fwd) against dense
 attention on one device, with each row's difference from dense
-(`lca/bench/sparse.py`; bench_sparse.csv and bench_sparse.png). `device` (run alone, on
+(`lca/bench/sparse.py`; bench_sparse.csv and bench_sparse.png). `efficiency`
+(only when named: about 8 minutes) measures the default local kernel's
+fraction of the matmul peak, forward+backward on one device, from 2k to 64k
+tokens at three tiles (`lca/bench/efficiency.py`; bench_efficiency.csv and
+bench_efficiency.png). `device` (run alone, on
 the machine's accelerator: `lca/bench/device.py`) measures lca's TPU/GPU kernel
 beside blockwise and cuDNN/XLA attention; without an accelerator it says so and
 exits 0. One-device points run in this process,
@@ -36,15 +41,15 @@ is the same. --tables only rewrites the tables.
 
 import argparse
 import dataclasses
+import importlib
 import os
 import time
 
 import jax
 
 PARTS = ("single", "mesh", "linear", "balance", "train")
-DECODE_PART = "decode"  # not in the default set: run when named
-SPARSE_PART = "sparse"  # not in the default set: run when named
-NAMED = (DECODE_PART, SPARSE_PART)
+DECODE_PART = "decode"
+NAMED = (DECODE_PART, "sparse", "efficiency")  # not in the default set: run when named
 DEVICE_PART = "device"
 
 
@@ -90,16 +95,12 @@ def main(argv=None, figures=False):
                                mesh_sizes=tuple(m for m in grid.mesh_sizes if m <= args.devices))
     out = args.out or ("docs/figures" if args.figures else "out/bench")
     start = time.time()
-    if DECODE_PART in parts:
-        from lca.bench import decode  # noqa: PLC0415
-
-        decode.run(out, quick=args.quick, repeats=args.repeats, devices=args.devices)
-        parts = tuple(p for p in parts if p != DECODE_PART)
-    if SPARSE_PART in parts:
-        from lca.bench import sparse  # noqa: PLC0415
-
-        sparse.run(out, quick=args.quick, repeats=args.repeats)
-        parts = tuple(p for p in parts if p != SPARSE_PART)
+    for name in NAMED:  # each its own module of lca.bench, run in this process
+        if name in parts:
+            extra = {"devices": args.devices} if name == DECODE_PART else {}
+            importlib.import_module(f"lca.bench.{name}").run(
+                out, quick=args.quick, repeats=args.repeats, **extra)
+    parts = tuple(p for p in parts if p not in NAMED)
     if parts:
         figures_lib.run(out, grid, parts, quick=args.quick,
                         grid_name="quick" if args.quick else "default")

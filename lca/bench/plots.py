@@ -230,3 +230,31 @@ def plot_sparse(points, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_efficiency(points, path):
+    """The efficiency part (`lca.bench.efficiency`): fraction of the matmul peak against
+    the length, one line per tile."""
+    series = collections.defaultdict(list)
+    for p in points:
+        if p.part == "efficiency" and p.peak_fraction is not None:
+            series[p.block].append(p)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (block, ps) in enumerate(sorted(series.items())):
+        ps.sort(key=lambda p: p.seq_len)
+        ax.plot([p.seq_len for p in ps], [p.peak_fraction for p in ps], marker="o",
+                color=f"C{i % 10}", label=f"{ps[0].impl} tile {block}")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_length))
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("useful FLOP/s / matmul peak (same run)")
+    ax.set_title("causal forward+backward, one device, 4 heads of 64, float32")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.suptitle("python experiments/bench.py --part efficiency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
