@@ -221,11 +221,17 @@ def plot_sparse(points, path):
     axes[1].set_xlabel("speed-up over exact forward")
     axes[1].set_ylabel("max |out - exact| / max |exact|")
     axes[1].set_title("HyperAttention: error against speed-up (labels: T)")
+    return _finish(fig, axes, "python experiments/bench.py --part sparse (float32, head_dim 64,"
+                   " batch 1)", path)
+
+
+def _finish(fig, axes, title, path):
+    """Grids and legends on every axis, the title, saved to `path` and closed; the path."""
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle("python experiments/bench.py --part sparse (float32, head_dim 64, batch 1)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -250,11 +256,4 @@ def plot_efficiency(points, path):
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("useful FLOP/s / matmul peak (same run)")
     ax.set_title("causal forward+backward, one device, 4 heads of 64, float32")
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.suptitle("python experiments/bench.py --part efficiency")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, [ax], "python experiments/bench.py --part efficiency", path)
