@@ -38,6 +38,7 @@ def base_config():
     c.seed = 0
     c.cpu_devices = 8  # emulated CPU devices (ignored when JAX already started)
     c.mesh = ml_collections.ConfigDict({"data": 2, "sequence": 4})
+    c.dcn = {}  # axes split over TPU slices, {axis: slices}; e.g. {"data": 2} (docs/multihost.md)
     c.sharding = ml_collections.ConfigDict()
     c.sharding.params = PARAM_RULES
     c.sharding.activations = ACTIVATION_RULES

@@ -18,13 +18,13 @@ from lca import layouts
 from lca.kernels import registry
 from lca.kernels.masks import MaskSpec
 from lca.models.config import FEATURE_MAPS, LinearOptions, ModelConfig, SparseOptions
-from lca.parallel.mesh import resolve_sizes
+from lca.parallel.mesh import check_dcn, resolve_sizes
 from lca.parallel.sequence import check_length
 from lca.parallel.sharding import MESH_AXES, check_rules
 
 TASKS = ("passkey", "recall", "text")
 ON_NONFINITE = ("stop", "skip")
-SECTIONS = ("model", "data", "train", "eval", "mesh", "sharding", "seed", "cpu_devices")
+SECTIONS = ("model", "data", "train", "eval", "mesh", "dcn", "sharding", "seed", "cpu_devices")
 MAX_LEARNING_RATE = 1.0  # AdamW steps are about lr per parameter; above 1 is a typo
 
 
@@ -74,6 +74,7 @@ class Experiment:
     train: TrainConfig
     eval: EvalConfig
     mesh: tuple[tuple[str, int], ...] = (("data", -1),)
+    dcn: tuple[tuple[str, int], ...] = ()   # axes split over slices: (axis, slices)
     param_rules: tuple = ()
     activation_rules: tuple = ()
     seed: int = 0
@@ -93,6 +94,7 @@ class Experiment:
         return cls(model=ModelConfig(**m), data=DataConfig(**data),
                    train=TrainConfig(**d["train"]), eval=EvalConfig(**ev),
                    mesh=tuple((str(a), int(s)) for a, s in d["mesh"]),
+                   dcn=tuple((str(a), int(s)) for a, s in d.get("dcn", ())),
                    param_rules=_rules(d["param_rules"]),
                    activation_rules=_rules(d["activation_rules"]),
                    seed=int(d["seed"]), cpu_devices=int(d["cpu_devices"]))
@@ -167,6 +169,7 @@ def from_config(config) -> Experiment:
         train=TrainConfig(**_fields(TrainConfig, c.get("train", {}), "train")),
         eval=EvalConfig(**ev),
         mesh=tuple((str(a), int(s)) for a, s in dict(mesh).items()),
+        dcn=tuple((str(a), int(s)) for a, s in dict(c.get("dcn") or {}).items()),
         param_rules=_rules(c.get("sharding", {}).get("params", ())),
         activation_rules=_rules(c.get("sharding", {}).get("activations", ())),
         seed=int(c.get("seed", 0)), cpu_devices=int(c.get("cpu_devices", 0)))
@@ -202,6 +205,12 @@ def validate(exp: Experiment, num_devices: int | None = None) -> None:
     for axis, size in exp.mesh:
         if axis not in MESH_AXES:
             raise ValueError(f"config.mesh names unknown axis {axis!r}; known: {MESH_AXES}")
+    for axis, slices in exp.dcn:
+        if axis not in dict(exp.mesh):
+            raise ValueError(f"config.dcn names axis {axis!r}, which is not in config.mesh"
+                             f" {dict(exp.mesh)}")
+        if slices < 1:
+            raise ValueError(f"config.dcn[{axis!r}] is {slices}; it must be >= 1 slices")
     check_rules("config.sharding.params", exp.param_rules)
     check_rules("config.sharding.activations", exp.activation_rules)
     _check_ranges(exp)
@@ -209,6 +218,7 @@ def validate(exp: Experiment, num_devices: int | None = None) -> None:
     if num_devices is None:
         return
     sizes = exp.mesh_sizes(num_devices)
+    check_dcn(dict(exp.dcn), sizes, "config.dcn")
     batch_axes = math.prod(sizes.get(a, 1) for a in _axes_of(exp.activation_rules, "batch"))
     for name, batch in (("config.train.batch_size", t.batch_size),
                         ("config.eval.batch_size", exp.eval.batch_size)):

@@ -18,6 +18,7 @@ import numpy as np
 
 from lca.data import batch_rng
 from lca.data import batches as batches_lib
+from lca.parallel import mesh as mesh_lib
 from lca.train import checkpoint as ckpt_lib
 from lca.train import state as state_lib
 from lca.train.config import Experiment
@@ -77,7 +78,9 @@ def describe(exp: Experiment, workdir: str, log=print) -> str:
     lines += [f"  {k} = {v!r}" for k, v in _flat(exp.to_dict())]
     devices = mesh.devices.flatten()
     lines.append(f"mesh: {dict(mesh.shape)} over {len(devices)} {devices[0].platform} devices"
-                 f" ({jax.process_count()} process(es))")
+                 f" ({jax.process_count()} process(es))"
+                 + (f", axes split over slices (config.dcn): {dict(exp.dcn)}" if exp.dcn else ""))
+    lines += [f"  {line}" for line in mesh_lib.describe(mesh.devices, mesh.axis_names)]
     e = estimate(exp, mesh)
     total = e["step_arguments"] + e["step_outputs"] + e["step_temp"] - e["step_aliased"]
     lines += [

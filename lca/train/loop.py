@@ -30,7 +30,7 @@ def setup_devices(exp: Experiment) -> None:
 def run_mesh(exp: Experiment, devices=None):
     devices = jax.devices() if devices is None else devices
     validate(exp, len(devices))
-    return make_mesh(dict(exp.mesh), devices)
+    return make_mesh(dict(exp.mesh), devices, dcn=dict(exp.dcn), dcn_name="config.dcn")
 
 
 @dataclasses.dataclass
