@@ -73,6 +73,54 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run):
         assert np.abs(g - w).max() <= PARAM_TOL * max(np.abs(w).max(), 1e-30)
 
 
+SIGTERM_TO_PROCESS_1 = """
+import os, runpy, signal, sys
+workdir = sys.argv[1]
+cli = runpy.run_path("experiments/train.py", run_name="lca_train_cli")
+from lca.train import loop
+original = loop.train_batches
+
+class SigtermOnProcess1AtStep3:
+    def __init__(self, inner):
+        self.inner = inner
+    def __iter__(self):
+        return self
+    def __next__(self):
+        import jax
+        if self.inner.index == 2 and jax.process_index() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self.inner)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+loop.train_batches = lambda exp: SigtermOnProcess1AtStep3(original(exp))
+sys.argv = ["experiments/train.py", "--config", %r, "--workdir", workdir,
+            "--config.train.log_every=1", "--noprogress"]
+cli["cli"].run(cli["main"], argv=sys.argv)
+""" % SMOKE
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes(
+        two_process_run, tmp_path):
+    """SIGTERM reaches process 1 only, during step 3: both stop after step 3 with one
+    checkpoint and exit 0; the same command again resumes to step 8 with the losses of the
+    uninterrupted two-process run."""
+    workdir = str(tmp_path / "run")
+    first = _launch(sys.executable, "-c", SIGTERM_TO_PROCESS_1, workdir)
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out  # the launcher's: both processes exited 0
+    assert "[p0] stopped by a signal to another process after step 3: saved step 3" in out, out
+    assert "[p0] stopped by a signal to another process at step 3" in out, out
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+    second = _launch(sys.executable, "experiments/train.py", "--config", SMOKE, "--workdir",
+                     workdir, "--config.train.log_every=1", "--noprogress")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "[p0] finished at step 8" in second.stdout, second.stdout
+    loss = lambda w: [json.loads(line)["train/loss"] for line in
+                      open(os.path.join(w, "metrics.jsonl")) if "train/loss" in line]
+    np.testing.assert_allclose(loss(workdir), loss(two_process_run[0]), rtol=LOSS_RTOL, atol=0)
+
+
 def test_launcher_stops_the_others_and_returns_the_first_failure():
     script = ("import os, sys, time\n"
               "pid = int(os.environ['JAX_PROCESS_ID'])\n"
