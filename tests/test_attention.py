@@ -135,6 +135,25 @@ def test_causality_by_gradient(impl):
         assert i == 0 or np.all(np.abs(dk[:, : i + 1]).sum(axis=(-1, -2)) > 0)
 
 
+@pytest.mark.parametrize("mask, kv_heads", [("causal", 2), ("window", 1), ("causal_segments", 4)])
+def test_blockwise_staircase_tiles_match_reference(mask, kv_heads):
+    """Square tiles of 32: causal diagonals run as 4 x 4 sub-tiles (STAIRCASE), with a window,
+    documents and grouped heads; 100 tokens, so the last tile is padded."""
+    from lca.kernels import blockwise, masks as masks_lib
+
+    q, k, v, ct = make_inputs(3, kv_heads=kv_heads)
+    kwargs = mask_kwargs(mask, 3, q.shape[0], q.shape[1], k.shape[1])
+    fn = functools.partial(lca.attention, impl="blockwise", block_q=32, block_k=32, **kwargs)
+    assert_matches_reference(compiled_outputs_and_grads(fn, q, k, v, ct),
+                             reference_outputs_and_grads(q, k, v, ct, **kwargs), jnp.float32,
+                             f"staircase/{mask}")
+    arrays = masks_lib.make_mask_arrays(2, 100, 100, segment_ids=kwargs.get("segment_ids"),
+                                        kv_segment_ids=kwargs.get("kv_segment_ids"))
+    spec = masks_lib.MaskSpec(True, kwargs.get("window"), "segment_ids" in kwargs)
+    kinds = np.asarray(masks_lib.classify_tiles(spec, arrays, 32, 32, blockwise.sub_tiles(32, 32)))
+    assert (kinds == masks_lib.STAIRCASE).sum() >= 3, kinds  # the diagonal tiles but padding's
+
+
 def test_blockwise_is_exact_for_every_block_shape():
     """Block sizes are a speed choice only: 1, primes, larger than the input."""
     q, k, v, ct = make_inputs(7, q_len=37, kv_len=41)

@@ -19,7 +19,9 @@ rule. A kernel is a modelled strategy, a tiled local kernel (one device) or
           the ring over r on the problem the all-to-all leaves (H / a heads,
           max(K / a, 1) kv heads, the ring shard's T / r tokens).
   FLOPs   a MASKED or FULL tile costs 4 B H bq bk D forward (QK^T, PV) and
-          10 B H bq bk D backward (QK^T recomputed, dV, dP, dK, dQ); SKIP 0.
+          10 B H bq bk D backward (QK^T recomputed, dV, dP, dK, dQ); SKIP 0;
+          STAIRCASE (blockwise's causal diagonal, s sub-tiles per side) the
+          s (s + 1) / 2 sub-tiles on and below its diagonal, (s + 1) / (2 s).
   bytes   what each device sends. Ring forward: steps - 1 hops of one K/V
           buffer (2 B L K D, input dtype) + int32 positions [B, L] (+ segment
           ids). Backward: the same hops again (not at n = 2: one hop, reused
@@ -57,7 +59,7 @@ from hardware import HARDWARE
 from lca import layouts
 from lca.kernels import local as local_lib
 from lca.kernels import registry, ring, ulysses
-from cost_tiles import tile_counts
+from cost_tiles import sub_tiles, tile_counts
 
 # ----------------------------------------------------------------------------- problem
 
@@ -187,9 +189,13 @@ class Problem:
 # ----------------------------------------------------------------------------- FLOPs, bytes
 
 
-def tile_flops(p: Problem):
-    """(forward, backward) FLOPs of one MASKED or FULL tile (padded tile lengths)."""
+def tile_flops(p: Problem, staircase=False):
+    """(forward, backward) FLOPs of one MASKED or FULL tile (padded tile lengths), or of a
+    STAIRCASE tile: its s (s + 1) / 2 sub-tiles of (bq / s) x (bk / s)."""
     bq, bk = p.blocks()
+    if staircase:
+        s = sub_tiles(p)
+        bq, bk = bq // s * s * (s + 1) // 2, bk // s  # the same product
     unit = p.batch * (p.heads // p.a2a_degree) * bq * bk * p.head_dim  # a device's heads
     return 4 * unit, 10 * unit
 
@@ -200,9 +206,10 @@ def step_flops(p: Problem):
         return np.zeros((1, p.devices)), np.zeros((1, p.devices))
     if p.comm == "alltoall+ring":  # the ring's, the same on every all-to-all device
         return tuple(np.repeat(f, p.a2a_degree, 1) for f in step_flops(p.after_all_to_all()))
-    masked, full = tile_counts(p)
-    fwd, bwd = tile_flops(p)
-    return (masked + full) * fwd, (masked + full) * bwd
+    masked, full, staircase = tile_counts(p)
+    (fwd, bwd), (s_fwd, s_bwd) = tile_flops(p), tile_flops(p, staircase=True)
+    return ((masked + full) * fwd + staircase * s_fwd,
+            (masked + full) * bwd + staircase * s_bwd)
 
 
 def all_to_all_bytes(p: Problem):

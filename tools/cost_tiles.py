@@ -3,8 +3,10 @@
 `tools/cost_model.py` multiplies these by a tile's FLOPs. The rules mirror
 the kernels: a shard pair is classified from its position extremes (a fully
 masked pair runs nothing, `ring.shard_pair_kind`), and every (bq x bk) tile
-of a pair that runs is SKIP / MASKED / FULL by the per-block min/max rule of
-`masks.classify_blocks`. `tests/test_cost_model.py` checks the counts
+of a pair that runs is SKIP / MASKED / FULL / STAIRCASE by the per-block
+min/max rule of `masks.classify_tiles` (STAIRCASE: a MASKED tile whose
+sub-tiles above the diagonal are all SKIP, when the local kernel is blockwise
+and `blockwise.sub_tiles` splits its tiles). `tests/test_cost_model.py` checks the counts
 against the kernels' own classification and the compiled HLO.
 """
 
@@ -13,7 +15,7 @@ import functools
 import numpy as np
 
 from lca import layouts
-from lca.kernels import registry
+from lca.kernels import blockwise, registry
 
 
 def shard_positions(seq_len, layout, n, stripe=1):
@@ -32,17 +34,17 @@ def gathered_positions(p):
     return np.sort(pos, axis=-1) if "reorder" in options else pos
 
 
-def block_extremes(pos, block):
-    """(min, max, padded) per block of the last axis; padding excluded, as masks.block_stats."""
+def block_extremes(pos, block, padded_len=None):
+    """(min, max, padded) per block of the last axis, padded to `padded_len` (default whole
+    blocks); padding excluded, as masks.block_stats."""
     length = pos.shape[-1]
-    nb = -(-length // block)
-    pad = nb * block - length
-    widths = [(0, 0)] * (pos.ndim - 1) + [(0, pad)]
+    total = padded_len or -(-length // block) * block
+    nb = total // block
+    widths = [(0, 0)] * (pos.ndim - 1) + [(0, total - length)]
     lo = np.pad(pos, widths, constant_values=np.iinfo(np.int64).max)
     hi = np.pad(pos, widths, constant_values=np.iinfo(np.int64).min)
     shape = pos.shape[:-1] + (nb, block)
-    padded = np.zeros(nb, bool)
-    padded[-1] = pad > 0
+    padded = (np.arange(total) >= length).reshape(nb, block).any(-1)
     return lo.reshape(shape).min(-1), hi.reshape(shape).max(-1), padded
 
 
@@ -62,9 +64,34 @@ def classify(q, k, causal, window):
     return ~none & ~full, ~none & full
 
 
+def kinds(q_pos, kv_pos, bq, bk, sub, causal, window):
+    """(masked, full, staircase) bool [..., nq, nk] of query positions [..., Lq] against key
+    positions [..., Lk] in tiles of bq x bk, with `sub` sub-tiles per side (1: none)."""
+    masked, full = classify(block_extremes(q_pos, bq), block_extremes(kv_pos, bk), causal,
+                            window)
+    if sub == 1:
+        return masked, full, np.zeros_like(masked)
+    whole = lambda pos, block: -(-pos.shape[-1] // block) * block  # the tiles' padded length
+    sm, sf = classify(block_extremes(q_pos, bq // sub, whole(q_pos, bq)),
+                      block_extremes(kv_pos, bk // sub, whole(kv_pos, bk)), causal, window)
+    skip = ~(sm | sf)
+    skip = skip.reshape(skip.shape[:-2] + (masked.shape[-2], sub, masked.shape[-1], sub))
+    above = np.triu(np.ones((sub, sub), bool), 1)[:, None, :]  # (a, ., c): c > a
+    stair = masked & np.where(above, skip, True).all(axis=(-3, -1))
+    return masked & ~stair, full, stair
+
+
+def sub_tiles(p):
+    """Sub-tiles per side of the problem's STAIRCASE tiles (`blockwise.sub_tiles`; 1 when
+    the local kernel is not blockwise)."""
+    local = registry.local_kernel(p.kernel if p.one_device else None)
+    return blockwise.sub_tiles(*p.blocks()) if local.name == "blockwise" else 1
+
+
 @functools.lru_cache(maxsize=256)
 def tile_counts(p):
-    """(masked, full) int64 [steps, n]: tiles of each kind rank r computes at ring step s.
+    """(masked, full, staircase) int64 [steps, n]: tiles of each kind rank r computes at
+    ring step s.
 
     Ring: step s pairs rank r's queries with rank (r - s) mod n's keys, and a
     fully masked shard pair computes nothing. All-gather: one step against all
@@ -74,30 +101,25 @@ def tile_counts(p):
     all-to-all, the same for each of the all-to-all axis's devices.
     """
     if p.comm == "alltoall+ring":
-        masked, full = tile_counts(p.after_all_to_all())
-        return np.repeat(masked, p.a2a_degree, 1), np.repeat(full, p.a2a_degree, 1)
+        return tuple(np.repeat(x, p.a2a_degree, 1) for x in tile_counts(p.after_all_to_all()))
     n = 1 if p.one_device else p.devices
     bq, bk = p.blocks()
+    tiles = lambda q_pos, kv_pos: kinds(q_pos, kv_pos, bq, bk, sub_tiles(p), p.causal,
+                                        p.window)
     if p.comm == "alltoall":
         pos = gathered_positions(p)
-        masked, full = classify(block_extremes(pos, bq), block_extremes(pos, bk), p.causal,
-                                p.window)
         ones = np.ones((1, n), np.int64)
-        return masked.sum() * ones, full.sum() * ones
+        return tuple(x.sum() * ones for x in tiles(pos, pos))
     pos = shard_positions(p.seq_len, p.layout, n, p.stripe)
-    qx = block_extremes(pos, bq)
     if p.comm == "allgather":
-        kx = block_extremes(pos.reshape(1, -1), bk)
-        masked, full = classify(qx, kx, p.causal, p.window)
-        return masked.sum((-1, -2))[None], full.sum((-1, -2))[None]
-    kx = block_extremes(pos, bk)
+        return tuple(x.sum((-1, -2))[None] for x in tiles(pos, pos.reshape(1, -1)))
     sx = block_extremes(pos, pos.shape[1])  # one block per shard
     steps = p.ring_steps() if p.comm == "ring" else 1
-    masked, full = np.zeros((steps, n), np.int64), np.zeros((steps, n), np.int64)
+    counts = np.zeros((3, steps, n), np.int64)
     for s in range(steps):
-        roll = lambda x: np.roll(x, s, axis=0)  # roll(x)[r] = x[(r - s) mod n]
-        m, f = classify(qx, (roll(kx[0]), roll(kx[1]), kx[2]), p.causal, p.window)
+        rolled = np.roll(pos, s, axis=0)  # rolled[r] = pos[(r - s) mod n]
+        roll = lambda x: np.roll(x, s, axis=0)
         sm, sf = classify(sx, (roll(sx[0]), roll(sx[1]), sx[2]), p.causal, p.window)
         runs = (sm | sf)[:, 0, 0]
-        masked[s], full[s] = m.sum((-1, -2)) * runs, f.sum((-1, -2)) * runs
-    return masked, full
+        counts[:, s] = [x.sum((-1, -2)) * runs for x in tiles(pos, rolled)]
+    return tuple(counts)

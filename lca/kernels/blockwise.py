@@ -11,8 +11,10 @@ recomputes every tile from the inputs, the output and the float32
 log-sum-exp (on one device `lca.kernels.local.attend` saves only those).
 Each (query block, key block) pair is
 classified once from per-block position and segment extremes (see
-`masks.classify_blocks`): SKIP pairs cost no FLOPs, FULL pairs take the
-unmasked path, MASKED pairs build their small [B, bq, bk] mask. K and V keep
+`masks.classify_tiles`): SKIP pairs cost no FLOPs, FULL pairs take the
+unmasked path, MASKED pairs build their small [B, bq, bk] mask, and
+STAIRCASE pairs (a causal diagonal: the sub-tiles above it are SKIP) compute
+only the SUB_TILES (SUB_TILES + 1) / 2 sub-tiles on and below the diagonal. K and V keep
 their K heads: the G query heads of a group share one K/V tile in the einsum.
 
 `forward` and `backward` are the local-kernel protocol (`lca.kernels.local`):
@@ -31,6 +33,20 @@ from lca.kernels.local import LocalConfig, LocalKernel
 from lca.kernels.masks import MaskArrays
 
 F32 = jnp.float32
+
+# Sub-tiles per tile side of a STAIRCASE tile (a causal diagonal: `masks`): its
+# s (s + 1) / 2 sub-tiles on and below the diagonal are computed, (s + 1) / (2 s)
+# of the tile's FLOPs (s = 4: 0.625). Used when block_q == block_k and s divides
+# them into sub-tiles of at least MIN_SUB_TILE tokens; otherwise the tile is MASKED.
+SUB_TILES = 4
+MIN_SUB_TILE = 4
+
+
+def sub_tiles(block_q: int, block_k: int) -> int:
+    """The sub-tiles per side a (block_q, block_k) call splits its STAIRCASE tiles into
+    (1: none; every such tile stays MASKED)."""
+    ok = block_q == block_k and block_q % SUB_TILES == 0 and block_q // SUB_TILES >= MIN_SUB_TILE
+    return SUB_TILES if ok else 1
 
 
 _cdiv, _pad_to = masks_lib.cdiv, masks_lib.pad_to
@@ -101,7 +117,8 @@ class _Tiles:
         self.q_pos, self.q_seg = _len_blocks(arrays.q_pos, bq), _len_blocks(arrays.q_seg, bq)
         self.kv_pos, self.kv_seg = _len_blocks(arrays.kv_pos, bk), _len_blocks(arrays.kv_seg, bk)
         self.kv_valid = (jnp.arange(self.nk * bk) < self.kv_len).reshape(self.nk, bk)
-        self.kinds = masks_lib.classify_tiles(cfg.spec, arrays, bq, bk)  # [nq, nk]
+        self.sub_tiles = sub_tiles(bq, bk)
+        self.kinds = masks_lib.classify_tiles(cfg.spec, arrays, bq, bk, self.sub_tiles)
 
     def mask(self, i, j):
         """Bool [B, 1, 1, bq, bk] for query block i and key block j."""
@@ -129,24 +146,40 @@ def forward(cfg: LocalConfig, q, k, v, arrays: MaskArrays):
     def one_q_block(i):
         q_i = tiles.q[i]
 
-        def update(carry, j, masked):
+        def update(carry, q, k_j, v_j, mask):
             acc, m, l = carry
-            s = tiles.logits(q_i, tiles.k[j])
-            if masked:
-                s = jnp.where(tiles.mask(i, j), s, -jnp.inf)
+            s = tiles.logits(q, k_j)
+            if mask is not None:
+                s = jnp.where(mask, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
-            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), tiles.v[j],
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v_j,
                             preferred_element_type=F32)
             return alpha[..., None] * acc + pv, m_new, alpha * l + p.sum(-1)
 
+        def staircase(carry, j):
+            """Query sub-block a against key sub-blocks 0..a only."""
+            n = tiles.sub_tiles
+            u = cfg.block_q // n
+            mask = tiles.mask(i, j)
+            rows = []
+            for a in range(n):
+                r, w = slice(a * u, (a + 1) * u), (a + 1) * u
+                part = tuple(x[..., r, :] if x.ndim == 5 else x[..., r] for x in carry)
+                rows.append(update(part, q_i[..., r, :], tiles.k[j][:, :, :w],
+                                   tiles.v[j][:, :, :w], mask[..., r, :w]))
+            return tuple(jnp.concatenate(xs, axis=-2 if xs[0].ndim == 5 else -1)
+                         for xs in zip(*rows))
+
         def step(carry, j):
             branches = (lambda c: c,
-                        lambda c: update(c, j, masked=True),
-                        lambda c: update(c, j, masked=False))
-            return lax.switch(tiles.kinds[i, j], branches, carry), None
+                        lambda c: update(c, q_i, tiles.k[j], tiles.v[j], tiles.mask(i, j)),
+                        lambda c: update(c, q_i, tiles.k[j], tiles.v[j], None),
+                        lambda c: staircase(c, j))
+            return lax.switch(tiles.kinds[i, j], branches[:3 + (tiles.sub_tiles > 1)],
+                              carry), None
 
         init = vma.like((jnp.zeros(stat_shape + (d,), F32),
                          jnp.full(stat_shape, -jnp.inf, F32),
@@ -183,28 +216,56 @@ def backward(cfg: LocalConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
     # Tiles are computed transposed, keys by queries ([B, K, bk, G * bq]): dK and
     # dV then contract the tile's minor axis with no [bk, bq] transpose, and dQ
     # is accumulated transposed ([B, K, D, G * bq]) for the same reason.
-    rows = lambda x: x.reshape(x.shape[:2] + (g * bq,) + x.shape[4:])  # [B,K,G,bq,...] -> [B,K,G*bq,...]
+    def tile_grads(k, v, q, do_, lse_r, delta_r, mask):
+        """One (sub-)tile: q, do [B, K, G, r, D], lse and delta [B, K, G, r], k, v
+        [B, K, c, D], mask [B, 1, 1, r, c] or None -> dK, dV [B, K, c, D] and the
+        transposed dQ [B, K, D, G, r], float32."""
+        r = q.shape[3]
+        rows = lambda x: x.reshape(x.shape[:2] + (g * r,) + x.shape[4:])
+        q, do_ = rows(q), rows(do_)
+        s_t = jnp.einsum("bksd,bkqd->bksq", k, q, preferred_element_type=F32) * cfg.scale
+        if mask is not None:
+            mask = jnp.swapaxes(mask[:, :, 0], -1, -2)[:, :, :, None, :]
+            mask = jnp.broadcast_to(mask, mask.shape[:3] + (g, r)).reshape(
+                mask.shape[:3] + (g * r,))
+            s_t = jnp.where(mask, s_t, -jnp.inf)
+        p_t = jnp.exp(s_t - rows(lse_r)[:, :, None, :])
+        dv = jnp.einsum("bksq,bkqd->bksd", p_t.astype(do.dtype), do_,
+                        preferred_element_type=F32)
+        dp_t = jnp.einsum("bksd,bkqd->bksq", v, do_, preferred_element_type=F32)
+        ds_t = (p_t * (dp_t - rows(delta_r)[:, :, None, :])).astype(q.dtype)
+        dk = jnp.einsum("bksq,bkqd->bksd", ds_t, q, preferred_element_type=F32)
+        dq = jnp.einsum("bksd,bksq->bkdq", k, ds_t, preferred_element_type=F32)
+        return dk, dv, dq.reshape(dq.shape[:3] + (g, r))
 
     def one_k_block(dq_t, j):
         k_j, v_j = tiles.k[j], tiles.v[j]
 
         def grads(carry, i, masked):
             dk, dv = carry
-            q_i, do_i = rows(tiles.q[i]), rows(do_blocks[i])
-            s_t = jnp.einsum("bksd,bkqd->bksq", k_j, q_i, preferred_element_type=F32) * cfg.scale
-            if masked:
-                mask = jnp.swapaxes(tiles.mask(i, j)[:, :, 0], -1, -2)[:, :, :, None, :]
-                mask = jnp.broadcast_to(mask, mask.shape[:3] + (g, bq)).reshape(
-                    mask.shape[:3] + (g * bq,))
-                s_t = jnp.where(mask, s_t, -jnp.inf)
-            p_t = jnp.exp(s_t - rows(lse_rows[i])[:, :, None, :])
-            dv = dv + jnp.einsum("bksq,bkqd->bksd", p_t.astype(do.dtype), do_i,
-                                 preferred_element_type=F32)
-            dp_t = jnp.einsum("bksd,bkqd->bksq", v_j, do_i, preferred_element_type=F32)
-            ds_t = (p_t * (dp_t - rows(delta_rows[i])[:, :, None, :])).astype(q.dtype)
-            dk = dk + jnp.einsum("bksq,bkqd->bksd", ds_t, q_i, preferred_element_type=F32)
-            dq_i = jnp.einsum("bksd,bksq->bkdq", k_j, ds_t, preferred_element_type=F32)
-            return (dk, dv), dq_i
+            mask = tiles.mask(i, j) if masked else None
+            dk_i, dv_i, dq_i = tile_grads(k_j, v_j, tiles.q[i], do_blocks[i], lse_rows[i],
+                                          delta_rows[i], mask)
+            return (dk + dk_i, dv + dv_i), dq_i.reshape(dq_i.shape[:3] + (g * bq,))
+
+        def staircase(carry, i):
+            """Key sub-block c against query sub-blocks c.. only."""
+            dk, dv = carry
+            n = tiles.sub_tiles
+            u = bq // n
+            mask = tiles.mask(i, j)
+            dks, dvs, dq_i = [], [], 0.0
+            for c in range(n):
+                cols, lo = slice(c * u, (c + 1) * u), c * u
+                dk_c, dv_c, dq_c = tile_grads(
+                    k_j[:, :, cols], v_j[:, :, cols], tiles.q[i][..., lo:, :],
+                    do_blocks[i][..., lo:, :], lse_rows[i][..., lo:], delta_rows[i][..., lo:],
+                    mask[..., lo:, cols])
+                dks.append(dk_c)
+                dvs.append(dv_c)
+                dq_i = dq_i + jnp.pad(dq_c, [(0, 0)] * 4 + [(lo, 0)])
+            return ((dk + jnp.concatenate(dks, axis=2), dv + jnp.concatenate(dvs, axis=2)),
+                    dq_i.reshape(dq_i.shape[:3] + (g * bq,)))
 
         # The branches return the tile's dQ and the update happens outside them:
         # a conditional that carried the whole [nq, ...] dQ buffer would copy it
@@ -213,8 +274,9 @@ def backward(cfg: LocalConfig, q, k, v, arrays: MaskArrays, lse, do, delta):
             dq_t, kv = carry
             branches = (lambda c: (c, vma.like(jnp.zeros(dq_t.shape[1:], F32), *inputs)),
                         lambda c: grads(c, i, masked=True),
-                        lambda c: grads(c, i, masked=False))
-            kv, dq_i = lax.switch(tiles.kinds[i, j], branches, kv)
+                        lambda c: grads(c, i, masked=False),
+                        lambda c: staircase(c, i))
+            kv, dq_i = lax.switch(tiles.kinds[i, j], branches[:3 + (tiles.sub_tiles > 1)], kv)
             return (dq_t.at[i].add(dq_i), kv), None
 
         kv_zeros = vma.like(jnp.zeros(k_j.shape, F32), *inputs)

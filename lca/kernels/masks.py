@@ -20,8 +20,10 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-# Kinds of block pair, used as `lax.switch` branch indices.
-SKIP, MASKED, FULL = 0, 1, 2
+# Kinds of block pair, used as `lax.switch` branch indices. STAIRCASE: a MASKED
+# tile whose sub-tiles above its diagonal are all SKIP (a causal diagonal), so
+# a kernel may compute only the sub-tiles on and below it.
+SKIP, MASKED, FULL, STAIRCASE = 0, 1, 2, 3
 
 _BIG = jnp.iinfo(jnp.int32).max // 2
 
@@ -114,14 +116,29 @@ def pad_to(x, length: int, axis: int = 1):
     return jnp.pad(x, widths)
 
 
-def classify_tiles(spec: MaskSpec, arrays: MaskArrays, block_q: int, block_k: int):
+def classify_tiles(spec: MaskSpec, arrays: MaskArrays, block_q: int, block_k: int,
+                   sub_tiles: int = 1):
     """int32 [nq, nk] SKIP / MASKED / FULL of every (query tile, key tile) pair of a call,
-    its lengths padded to whole tiles (padding is never visible)."""
+    its lengths padded to whole tiles (padding is never visible).
+
+    sub_tiles > 1 (dividing both tiles): a MASKED tile whose s x s sub-tiles above the
+    diagonal (query sub-block a, key sub-block c > a) are all SKIP is STAIRCASE.
+    """
     q_len, kv_len = arrays.q_pos.shape[1], arrays.kv_pos.shape[1]
     qn, kn = cdiv(q_len, block_q) * block_q, cdiv(kv_len, block_k) * block_k
-    q = block_stats(pad_to(arrays.q_pos, qn), pad_to(arrays.q_seg, qn), block_q, q_len)
-    kv = block_stats(pad_to(arrays.kv_pos, kn), pad_to(arrays.kv_seg, kn), block_k, kv_len)
-    return classify_blocks(spec, q, kv)
+    stats = lambda block: (
+        block_stats(pad_to(arrays.q_pos, qn), pad_to(arrays.q_seg, qn), block, q_len),
+        block_stats(pad_to(arrays.kv_pos, kn), pad_to(arrays.kv_seg, kn),
+                    block * block_k // block_q, kv_len))
+    kinds = classify_blocks(spec, *stats(block_q))
+    if sub_tiles == 1:
+        return kinds
+    nq, nk = kinds.shape
+    sub = classify_blocks(spec, *stats(block_q // sub_tiles)).reshape(
+        nq, sub_tiles, nk, sub_tiles)
+    above = jnp.triu(jnp.ones((sub_tiles, sub_tiles), bool), 1)[None, :, None, :]
+    empty = jnp.where(above, sub == SKIP, True).all(axis=(1, 3))
+    return jnp.where((kinds == MASKED) & empty, STAIRCASE, kinds).astype(jnp.int32)
 
 
 def classify_blocks(spec: MaskSpec, q: BlockStats, kv: BlockStats):
